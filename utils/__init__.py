@@ -1,0 +1,1 @@
+"""OpenSora 1.2 text-to-video inference on CPU: a faithful re-implementation plus the study's tooling."""
