@@ -16,8 +16,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from rotary_embedding_torch import RotaryEmbedding
 from torch import nn
+
+with warnings.catch_warnings():
+    # 0.5.3 (upstream's pin) decorates with the deprecated torch.cuda.amp.autocast at import time
+    warnings.simplefilter("ignore", FutureWarning)
+    from rotary_embedding_torch import RotaryEmbedding
 
 
 @dataclass(frozen=True)

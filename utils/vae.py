@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from diffusers import AutoencoderKL
 from torch import nn
+from tqdm.auto import tqdm
 
 from .vae_temporal import TemporalVAE
 
@@ -96,8 +97,10 @@ class SpatialVAE(nn.Module):
         """Latents [B, 4, T, h, w] -> video [B, 3, T, 8h, 8w]."""
         batch, _, frames, _, _ = z.shape
         latents = z.transpose(1, 2).flatten(0, 1)  # (B T) 4 h w
+        chunks = tqdm(self._frame_batches(latents), desc="decode frames", unit="batch", leave=False,
+                      total=-(-latents.shape[0] // (self.micro_batch_size or latents.shape[0])))
         images = torch.cat([self.module.decode(chunk / SPATIAL_SCALING_FACTOR).sample
-                            for chunk in self._frame_batches(latents)])  # (B T) 3 8h 8w
+                            for chunk in chunks])  # (B T) 3 8h 8w
         return images.unflatten(0, (batch, frames)).transpose(1, 2)  # B 3 T 8h 8w
 
 

@@ -54,6 +54,21 @@ def _fan_in(tensor: torch.Tensor) -> int:
     return math.prod(tensor.shape[1:])
 
 
+def _allocate(module: nn.Module) -> None:
+    """Real (uninitialised) CPU memory for a meta module, with tied weights tied again."""
+    module.to_empty(device="cpu")
+    tie = getattr(module, "tie_weights", None)  # transformers models: T5's shared/embed_tokens
+    if callable(tie):
+        tie()
+
+
+def _reset_constants(module: nn.Module) -> None:
+    for sub in module.modules():
+        reset = getattr(sub, "reset_buffers", None)
+        if callable(reset):
+            reset()
+
+
 @torch.no_grad()
 def materialize_random(module: nn.Module, dtype: torch.dtype, seed: int = 0, chunk_rows: int = 1024) -> nn.Module:
     """Turn a module built on the meta device into real CPU tensors of ``dtype``, filled randomly.
@@ -65,7 +80,7 @@ def materialize_random(module: nn.Module, dtype: torch.dtype, seed: int = 0, chu
     Filling goes in row chunks through a float32 scratch of at most ``chunk_rows`` rows.
     """
     module.to(dtype=dtype)
-    module.to_empty(device="cpu")
+    _allocate(module)
     gen = torch.Generator().manual_seed(seed)
     tensors = list(module.named_parameters()) + list(module.named_buffers())
     large = sum(t.numel() for _, t in tensors) > 200_000_000  # a bar only where filling takes seconds
@@ -83,10 +98,7 @@ def materialize_random(module: nn.Module, dtype: torch.dtype, seed: int = 0, chu
             tensor.fill_(1.0)
         else:
             tensor.zero_()
-    for sub in module.modules():
-        reset = getattr(sub, "reset_buffers", None)
-        if callable(reset):
-            reset()
+    _reset_constants(module)
     return module
 
 
@@ -139,11 +151,14 @@ def resolve_weights_dir(component: str, root: str | os.PathLike | None, allow_do
 
 
 def _read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # safetensors, pickle and zip each raise their own types
+        raise CheckpointError(f"{path} could not be read as a {path.suffix} weight file: {err}") from None
 
 
 def read_checkpoint(folder: Path, component: str, keep=lambda name: True) -> dict[str, torch.Tensor]:
@@ -199,11 +214,8 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) 
     A module still on the meta device is first given real memory in its own dtype."""
     check_state_dict(module, state, source)
     if any(p.is_meta for p in module.parameters()):
-        module.to_empty(device="cpu")
-        for sub in module.modules():
-            reset = getattr(sub, "reset_buffers", None)
-            if callable(reset):
-                reset()  # non-persistent buffers are not in the file
+        _allocate(module)
+        _reset_constants(module)  # non-persistent buffers are not in the file
     module.load_state_dict(state, strict=True)
     return module
 

@@ -1,0 +1,118 @@
+"""Command line: generate one video with the OpenSora 1.2 pipeline on the CPU.
+
+    python -m utils.generate --prompt "a red panda eating bamboo" --resolution 144p --aspect-ratio 9:16 \
+        --num-frames 2s --steps 30 --dtype bf16 --weights random --out video.mp4
+
+Writes ``video.mp4`` (h264, 24 fps), ``video.npz`` (the lossless uint8 frames) and ``video.json`` (the
+setting, the weights label, stage times and peak memory). Bad input exits with status 2 before any
+heavy work and leaves no output file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+
+from . import aspect
+from .memory import GIB, InsufficientMemoryError, timed
+from .pipeline import DTYPES, PIPELINE_PRESETS, STAGES, VideoSetting, load_pipeline
+from .video import atomic_path, to_uint8, write_frames, write_mp4
+from .weights import CheckpointError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m utils.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompt", required=True, help="what the video shows")
+    p.add_argument("--resolution", default="144p", help=f"one of {', '.join(aspect.resolutions())}")
+    p.add_argument("--aspect-ratio", default="9:16", help="H:W, e.g. 9:16 (landscape), 16:9, 1:1")
+    p.add_argument("--num-frames", default="2s", help="2s, 4s, 8s, 16s (51..408 frames) or an integer")
+    p.add_argument("--steps", type=int, default=30, help="rectified-flow steps (upstream: 30)")
+    p.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance scale (upstream: 7)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="transformer and VAE precision")
+    p.add_argument("--text-encoder-dtype", choices=list(DTYPES),
+                   help="T5 precision (default: --dtype; upstream runs T5 in fp32)")
+    p.add_argument("--weights", default="random",
+                   help="'random', a folder with the official checkpoints, or 'hub' (Hugging Face cache)")
+    p.add_argument("--allow-download", action="store_true", help="with --weights hub: fetch missing files")
+    p.add_argument("--model", default="opensora-v1.2", choices=list(PIPELINE_PRESETS))
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")
+    p.add_argument("--keep-text-encoder", action="store_true",
+                   help="keep T5 in memory after encoding (default: free it, the largest component)")
+    p.add_argument("--out", type=Path, required=True, help="output .mp4 path")
+    return p
+
+
+def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> VideoSetting:
+    """Every check that needs no model: exits with status 2 and a message on bad input."""
+    if not args.prompt.strip():
+        parser.error("--prompt is empty; give a description of the video")
+    if args.out.suffix.lower() != ".mp4":
+        parser.error(f"--out must end in .mp4, got {args.out}")
+    if not args.out.parent.is_dir():
+        parser.error(f"--out folder {args.out.parent} does not exist")
+    if args.weights not in ("random", "hub") and not Path(args.weights).is_dir():
+        parser.error(f"--weights {args.weights} does not exist; accepted: 'random', 'hub' or a folder holding "
+                     "hpcai-tech/OpenSora-STDiT-v3, hpcai-tech/OpenSora-VAE-v1.2 and DeepFloyd/t5-v1_1-xxl")
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    try:
+        return VideoSetting.create(args.resolution, args.aspect_ratio, args.num_frames, args.steps,
+                                   args.cfg_scale, args.seed)
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setting = validate(args, parser)
+    torch.set_num_threads(args.threads)
+    try:
+        pipe, load_seconds, load_peak = timed(
+            load_pipeline, args.model, weights=args.weights, dtype=args.dtype,
+            text_encoder_dtype=args.text_encoder_dtype, setting=setting,
+            free_text_encoder=not args.keep_text_encoder, allow_download=args.allow_download)
+    except (CheckpointError, InsufficientMemoryError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.model}: weights {pipe.weights}, {args.dtype}, text encoder "
+          f"{args.text_encoder_dtype or args.dtype}, {args.threads} threads, tokenizer "
+          f"{'stand-in (not the T5 vocabulary)' if pipe.tokenizer.is_standin else 'T5'}")
+    print(f"{setting.resolution} {setting.aspect_ratio}: {setting.height}x{setting.width} px, "
+          f"{setting.num_frames} frames -> latent {pipe.latent_size(setting)}, {setting.steps} steps")
+
+    result = pipe([args.prompt], setting, free_text_encoder=not args.keep_text_encoder)
+    frames = to_uint8(result.video[0])
+    record = dict(
+        prompt=args.prompt, model=args.model, weights=pipe.weights, dtype=args.dtype,
+        text_encoder_dtype=args.text_encoder_dtype or args.dtype, tokenizer_standin=pipe.tokenizer.is_standin,
+        threads=args.threads, setting=vars(setting) | {"fps": setting.fps},
+        frames_shape=list(frames.shape), load_seconds=load_seconds, load_peak_rss_bytes=load_peak,
+        seconds=result.seconds, peak_rss_bytes=result.peak_rss_bytes,
+        torch=torch.__version__, machine=platform.machine(), processor=platform.processor(),
+    )
+    outputs = (args.out, args.out.with_suffix(".npz"), args.out.with_suffix(".json"))
+    with ExitStack() as stack:  # all three files appear together or not at all
+        mp4, npz, meta = (stack.enter_context(atomic_path(p)) for p in outputs)
+        write_mp4(frames, mp4, fps=aspect.FPS)
+        write_frames(frames, npz)
+        meta.write_text(json.dumps(record, indent=1))
+
+    print(f"weights: {'random (output is noise-like; timings are real)' if pipe.weights == 'random' else pipe.weights}")
+    print(f"  {'(load weights)':<16} {load_seconds:9.2f} s   peak RSS {load_peak / GIB:6.2f} GiB")
+    for stage in STAGES:
+        print(f"  {stage:<16} {result.seconds[stage]:9.2f} s   peak RSS {result.peak_rss_bytes[stage] / GIB:6.2f} GiB")
+    print(f"  {'total':<16} {sum(result.seconds.values()):9.2f} s   peak RSS "
+          f"{max(result.peak_rss_bytes.values()) / GIB:6.2f} GiB")
+    print(f"wrote {', '.join(str(p) for p in outputs)} ({frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

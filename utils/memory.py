@@ -1,0 +1,90 @@
+"""Memory: a peak-RSS monitor for timed stages, and the preflight estimate that refuses settings
+which cannot fit before any heavy work starts."""
+from __future__ import annotations
+
+import threading
+import time
+
+import psutil
+import torch
+from torch import nn
+
+GIB = 1024**3
+
+
+class PeakRSS:
+    """Context manager sampling this process's resident set size; ``peak`` is the largest seen (bytes)."""
+
+    def __init__(self, interval_s: float = 0.01):
+        self.interval_s = interval_s
+        self.peak = 0
+        self._process = psutil.Process()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak = self._process.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+def module_bytes(module: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of parameters and buffers once materialised in ``dtype`` (works on the meta device)."""
+    element = torch.finfo(dtype).bits // 8
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() for t in tensors) * element
+
+
+def denoiser_activation_bytes(tokens: int, hidden_size: int, mlp_ratio: float, dtype: torch.dtype,
+                              batch: int = 2) -> int:
+    """Working set of one STDiT3 block at CFG batch 2: the residual stream and its normalised copies
+    (~6 x C), qkv (3 x C) and the MLP hidden (2 x mlp_ratio x C) per token; SDPA's CPU kernel is
+    blockwise, so attention adds no N x N matrix."""
+    per_token = hidden_size * (6 + 3 + 2 * mlp_ratio)
+    return int(batch * tokens * per_token * torch.finfo(dtype).bits // 8)
+
+
+def vae_decode_activation_bytes(frames: int, height: int, width: int, micro_batch: int, widest_full_res: int,
+                                dtype: torch.dtype) -> int:
+    """Spatial decode of one micro-batch at full resolution (about five live feature maps of the widest
+    full-resolution block), plus the decoded float video."""
+    element = torch.finfo(dtype).bits // 8
+    feature_maps = 5 * micro_batch * widest_full_res * height * width * element
+    video = 3 * frames * height * width * 4
+    return feature_maps + video
+
+
+def available_bytes() -> int:
+    return psutil.virtual_memory().available
+
+
+class InsufficientMemoryError(MemoryError):
+    pass
+
+
+def check_fits(needed: int, what: str, advice: str, available: int | None = None) -> None:
+    """Raise ``InsufficientMemoryError`` when ``needed`` bytes exceed the memory available now."""
+    available = available_bytes() if available is None else available
+    if needed > available:
+        raise InsufficientMemoryError(
+            f"{what} needs about {needed / GIB:.1f} GiB but {available / GIB:.1f} GiB is available. {advice}"
+        )
+
+
+def timed(fn, *args, **kwargs):
+    """Run ``fn`` and return (result, seconds, peak RSS bytes)."""
+    with PeakRSS() as rss:
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        seconds = time.perf_counter() - start
+    return result, seconds, rss.peak
