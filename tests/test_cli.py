@@ -58,6 +58,7 @@ def _with(option, value):
     (_with("--num-frames", "0"), "frame count 0 out of range; accepted: a duration"),
     (_with("--num-frames", "100000"), "frame count 100000 out of range"),
     (_with("--num-frames", "3 seconds"), "not understood"),
+    (_with("--num-frames", "4"), "frame count 4 is not supported: upstream's timestep shift needs 1"),
     (_with("--steps", "0"), "steps must be at least 1"),
     (_with("--prompt", "   "), "--prompt is empty"),
     (_with("--weights", "/nonexistent/weights"), "--weights /nonexistent/weights does not exist"),
@@ -83,7 +84,9 @@ def test_incomplete_weights_folder_exits_2(tmp_path, capsys):
     (weights / "model.safetensors").write_bytes(b"not a safetensors file")
     code = generate.main([*_with("--weights", str(tmp_path / "weights")), "--out", str(tmp_path / "clip.mp4")])
     assert code == 2
-    assert "error: no vae weights for hpcai-tech/OpenSora-VAE-v1.2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no vae weights for hpcai-tech/OpenSora-VAE-v1.2" in err and "no text_encoder weights" in err
+    assert "no transformer weights" not in err
     assert not list(tmp_path.glob("clip*"))
 
 

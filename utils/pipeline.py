@@ -6,6 +6,7 @@ the one tuple of stage names used by profiler labels, result records and plots.
 """
 from __future__ import annotations
 
+import gc
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,10 @@ class VideoSetting:
                steps: int = 30, cfg_scale: float = 7.0, seed: int = 42) -> "VideoSetting":
         height, width = aspect.image_size(resolution, aspect_ratio)
         frames = aspect.num_frames(num_frames)
+        if 1 < frames < 17:
+            # upstream's timestep shift uses frames // 17 * 5 latent frames: 0 here, and the schedule is NaN
+            raise ValueError(f"frame count {frames} is not supported: upstream's timestep shift needs 1 "
+                             "(an image) or at least 17 frames")
         if int(steps) < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         return cls(resolution, aspect_ratio, frames, height, width, int(steps), float(cfg_scale), int(seed))
@@ -78,29 +83,67 @@ class Generation:
     peak_rss_bytes: dict[str, int] = field(default_factory=dict)
 
 
+COMPONENTS = ("text_encoder", "transformer", "vae")  # the ones with weights
+
+
 class OpenSoraPipeline:
-    def __init__(self, tokenizer, text_encoder, transformer, vae, scheduler, weights: str, preset: str):
+    """The four stages over the components. A component can be released (back to the meta device,
+    its memory freed) and loaded again, so a machine too small for all three models at once can run
+    the stages one model at a time; shape queries (latent size, model arguments) work either way."""
+
+    def __init__(self, tokenizer, text_encoder, transformer, vae, scheduler, preset: str,
+                 dtypes: dict[str, torch.dtype], folders: dict[str, Path], seed: int = 0):
         self.tokenizer = tokenizer
-        self.text_encoder = text_encoder  # T5TextEncoder (tokenizer + T5EncoderModel); None once freed
+        self.text_encoder = text_encoder  # T5TextEncoder: tokenizer + T5EncoderModel (``.model``)
         self.transformer = transformer
         self.vae = vae
         self.scheduler = scheduler
-        self.weights = weights  # "random" or the folder the official weights came from
         self.preset = preset
+        self.dtypes = dtypes  # per component
+        self.folders = folders  # per component, when loaded from the official files
+        self.seed = seed
+
+    @property
+    def weights(self) -> str:
+        """``random``, or the folders the official weights came from."""
+        return ", ".join(str(f) for f in self.folders.values()) if self.folders else "random"
+
+    def _module(self, component: str) -> torch.nn.Module:
+        return self.text_encoder.model if component == "text_encoder" else getattr(self, component)
+
+    def is_loaded(self, component: str) -> bool:
+        return not next(self._module(component).parameters()).is_meta
+
+    def load(self, component: str) -> None:
+        """Give ``component`` real weights (random, or from its official files), if it has none."""
+        if self.is_loaded(component):
+            return
+        module = self._module(component)
+        check_fits(module_bytes(module, self.dtypes[component]), f"loading the {component}",
+                   "Release another component first, or use bf16.")
+        if component in self.folders:
+            load_component(module, component, self.folders[component])
+        else:
+            materialize_random(module, self.dtypes[component], seed=self.seed)
+
+    def release(self, component: str) -> None:
+        """Free ``component``'s memory; its shapes stay (meta device) and ``load`` brings it back."""
+        self._module(component).to("meta")
+        gc.collect()
+
+    def _require(self, component: str, stage: str) -> None:
+        if not self.is_loaded(component):
+            raise RuntimeError(f"{stage} needs the {component}, which is not loaded; call load({component!r})")
 
     # ---- stages --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prompt embeddings y [n, 1, L, D], the null caption of the same shape, and the mask [n, L]."""
-        if self.text_encoder is None:
-            raise RuntimeError("the text encoder was freed; build a new pipeline to encode prompts")
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt embeddings y [n, 1, L, D] and the token mask [n, L]."""
+        self._require("text_encoder", "encode_prompt")
         with record_function("encode_prompt"):
             prompts = [text_preprocessing(p) for p in append_score_to_prompts(prompts, aes=AESTHETIC_SCORE)]
             encoded = self.text_encoder.encode(prompts)
-            y = encoded["y"].to(self.transformer.dtype)
-            # upstream hands the transformer's learned null caption to the text encoder for CFG
-            y_null = self.transformer.y_embedder.y_embedding[None].repeat(len(prompts), 1, 1)[:, None]
-        return y, y_null, encoded["mask"]
+        return encoded["y"], encoded["mask"]
 
     def latent_size(self, setting: VideoSetting) -> tuple[int, int, int]:
         return tuple(self.vae.get_latent_size([setting.num_frames, setting.height, setting.width]))
@@ -110,43 +153,46 @@ class OpenSoraPipeline:
         with record_function("prepare_latents"):
             generator = torch.Generator().manual_seed(setting.seed)
             shape = (batch, self.vae.out_channels, *self.latent_size(setting))
-            return torch.randn(shape, generator=generator).to(self.transformer.dtype)
+            return torch.randn(shape, generator=generator).to(self.dtypes["transformer"])
 
     def model_args(self, batch: int, setting: VideoSetting) -> dict[str, torch.Tensor]:
         # upstream prepare_multi_resolution_info: [B] tensors in the model dtype (bf16 rounds them)
-        dtype = self.transformer.dtype
         values = dict(height=setting.height, width=setting.width, num_frames=setting.num_frames,
                       ar=setting.height / setting.width, fps=setting.fps)
+        dtype = self.dtypes["transformer"]
         return {k: torch.tensor([v] * batch, dtype=torch.float32).to(dtype) for k, v in values.items()}
 
-    def denoise(self, z, y, y_null, mask, setting: VideoSetting, progress: bool = True) -> torch.Tensor:
+    def denoise(self, z, y, mask, setting: VideoSetting, progress: bool = True) -> torch.Tensor:
+        """Rectified-flow sampling with CFG from noise ``z`` to the final latent (float32)."""
+        self._require("transformer", "denoise")
         with record_function("denoise"):
-            return rflow_sample(self.transformer, self.scheduler, z, y, y_null, mask,
+            # upstream hands the transformer's learned null caption to the text encoder for CFG
+            y_null = self.transformer.y_embedder.y_embedding[None].repeat(len(y), 1, 1)[:, None]
+            return rflow_sample(self.transformer, self.scheduler, z, y.to(self.transformer.dtype), y_null, mask,
                                 self.model_args(z.shape[0], setting), num_steps=setting.steps,
                                 cfg_scale=setting.cfg_scale, progress=progress)
 
     @torch.inference_mode()
     def decode(self, z: torch.Tensor, setting: VideoSetting) -> torch.Tensor:
+        """Frames in [-1, 1], float32 [B, 3, F, H, W]."""
+        self._require("vae", "decode")
         with record_function("decode"):
-            return self.vae.decode(z.to(self.vae_dtype), num_frames=setting.num_frames).float()
-
-    @property
-    def vae_dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
-
-    def free_text_encoder(self) -> None:
-        """Drop the text encoder (the largest component) once the prompts are encoded."""
-        self.text_encoder = None
+            return self.vae.decode(z.to(self.dtypes["vae"]), num_frames=setting.num_frames).float()
 
     # ---- the whole run -----------------------------------------------------------------------
     def __call__(self, prompts: list[str], setting: VideoSetting, progress: bool = True,
                  free_text_encoder: bool = False) -> Generation:
+        """All four stages; with ``free_text_encoder`` the text encoder is released after encoding.
+        Components not loaded are loaded when their stage comes (and that time is not a stage's)."""
         seconds, peaks = {}, {}
-        (y, y_null, mask), seconds["encode_prompt"], peaks["encode_prompt"] = timed(self.encode_prompt, prompts)
+        self.load("text_encoder")
+        (y, mask), seconds["encode_prompt"], peaks["encode_prompt"] = timed(self.encode_prompt, prompts)
         if free_text_encoder:
-            self.free_text_encoder()
+            self.release("text_encoder")
         z, seconds["prepare_latents"], peaks["prepare_latents"] = timed(self.prepare_latents, len(prompts), setting)
-        z, seconds["denoise"], peaks["denoise"] = timed(self.denoise, z, y, y_null, mask, setting, progress)
+        self.load("transformer")
+        z, seconds["denoise"], peaks["denoise"] = timed(self.denoise, z, y, mask, setting, progress)
+        self.load("vae")
         video, seconds["decode"], peaks["decode"] = timed(self.decode, z, setting)
         return Generation(video=video, latents=z, seconds=seconds, peak_rss_bytes=peaks)
 
@@ -179,12 +225,16 @@ def estimate_peak_bytes(transformer, vae, text_encoder_model, setting: VideoSett
 def load_pipeline(preset: str = "opensora-v1.2", weights: str = "random", dtype: str = "bf16",
                   text_encoder_dtype: str | None = None, setting: VideoSetting | None = None,
                   free_text_encoder: bool = False, allow_download: bool = False, seed: int = 0,
-                  tokenizer_path: str | None = None) -> OpenSoraPipeline:
+                  tokenizer_path: str | None = None, load: tuple[str, ...] = COMPONENTS) -> OpenSoraPipeline:
     """Build the pipeline: every module on the meta device first, a memory preflight for ``setting``,
-    then one materialisation in the target dtype, random (``weights="random"``) or from the official
-    files (a folder, or ``"hub"`` for the Hugging Face cache)."""
+    then one materialisation in the target dtype of the components in ``load``, random
+    (``weights="random"``) or from the official files (a folder, or ``"hub"`` for the Hugging Face
+    cache). Components left out of ``load`` stay on the meta device until ``pipe.load(name)``."""
     if preset not in PIPELINE_PRESETS:
         raise ValueError(f"unknown pipeline preset {preset!r}; accepted: {', '.join(PIPELINE_PRESETS)}")
+    unknown = set(load) - set(COMPONENTS)
+    if unknown:
+        raise ValueError(f"unknown components {sorted(unknown)}; accepted: {', '.join(COMPONENTS)}")
     names = PIPELINE_PRESETS[preset]
     torch_dtype = parse_dtype(dtype)
     te_dtype = parse_dtype(text_encoder_dtype or dtype)
@@ -193,7 +243,14 @@ def load_pipeline(preset: str = "opensora-v1.2", weights: str = "random", dtype:
         root = None if weights == "hub" else weights
         if root is not None and not Path(root).is_dir():
             raise CheckpointError(f"weights folder {root} does not exist; pass a folder, 'hub' or 'random'")
-        folders = {c: resolve_weights_dir(c, root, allow_download) for c in ("transformer", "vae", "text_encoder")}
+        problems = []
+        for component in COMPONENTS:
+            try:
+                folders[component] = resolve_weights_dir(component, root, allow_download)
+            except CheckpointError as err:
+                problems.append(str(err))
+        if problems:
+            raise CheckpointError("\n".join(problems))
 
     transformer = build_stdit3(names["transformer"], device="meta", dtype=torch_dtype)
     if "transformer" in folders and (folders["transformer"] / "config.json").is_file():
@@ -215,19 +272,13 @@ def load_pipeline(preset: str = "opensora-v1.2", weights: str = "random", dtype:
         check_fits(estimate["peak"], f"{preset} ({dtype}, text encoder {text_encoder_dtype or dtype}) at "
                    f"{setting.resolution} {setting.aspect_ratio} {setting.num_frames} frames",
                    f"Try {', or '.join(advice)}. Weights: "
-                   + ", ".join(f"{k} {estimate[k] / GIB:.1f} GiB" for k in ("transformer", "vae", "text_encoder")))
+                   + ", ".join(f"{k} {estimate[k] / GIB:.1f} GiB" for k in COMPONENTS))
 
-    for component, module in (("transformer", transformer), ("vae", vae), ("text_encoder", t5)):
-        if component in folders:
-            load_component(module, component, folders[component])
-        else:
-            materialize_random(module, module_dtype(module), seed=seed)
     tokenizer = load_tokenizer(tokenizer_path or (str(folders["text_encoder"]) if folders else None))
-    text_encoder = T5TextEncoder(tokenizer, t5.eval(), model_max_length=transformer.config.model_max_length)
-    label = "random" if weights == "random" else ", ".join(str(f) for f in folders.values())
-    return OpenSoraPipeline(tokenizer, text_encoder, transformer.eval(), vae.eval(), make_scheduler(), label, preset)
-
-
-def module_dtype(module: torch.nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
-
+    text_encoder = T5TextEncoder(tokenizer, t5, model_max_length=transformer.config.model_max_length)
+    dtypes = {"text_encoder": te_dtype, "transformer": torch_dtype, "vae": torch_dtype}
+    pipe = OpenSoraPipeline(tokenizer, text_encoder, transformer, vae, make_scheduler(), preset, dtypes, folders,
+                            seed)
+    for component in load:
+        pipe.load(component)
+    return pipe
