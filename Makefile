@@ -1,14 +1,23 @@
-# The Makefile is the project's dependency graph. Every target that runs Python first makes
-# sure the virtual environment exists (created once, no root needed).
-PYTHON ?= python3
-VENV   := .venv
-BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell sha1sum requirements.txt | cut -c1-12)
-# Extra pip options, e.g. PIP_EXTRA="--extra-index-url https://download.pytorch.org/whl/cpu"
-# on a machine without a local CPU wheel of torch 2.13.0 (see README).
+# The Makefile is the project's dependency graph. Every target that runs Python first makes sure the
+# virtual environment exists (created once in .venv, no root needed).
+PYTHON  ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed-$(shell cat requirements.txt | sha1sum | cut -c1-12)
+# Extra pip options, e.g. PIP_EXTRA="--extra-index-url https://download.pytorch.org/whl/cpu" on a
+# machine without a local CPU wheel of torch 2.13.0 (see README).
 PIP_EXTRA ?=
 
-.PHONY: env test report clean-env
+# Parameter profile of the study notebooks (notebooks/profiles.json): default | full | tiny
+PROFILE   ?= default
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+EXECUTED  := $(patsubst notebooks/%,build/$(PROFILE)/%,$(NOTEBOOKS))
+# what a measurement depends on (the report and plot code only shape the rendering)
+MEASURED_BY := $(filter-out utils/report.py utils/plots.py,$(wildcard utils/*.py)) notebooks/profiles.json
+SMOKE     := build/smoke
+
+.PHONY: env test smoke report render lab tensorboard clean-env
+.NOTPARALLEL:
 
 env: $(STAMP)
 
@@ -17,14 +26,41 @@ $(STAMP): requirements.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(PIP_EXTRA) -r requirements.txt
 	$(BIN)/python -c "import torch, sys; v = torch.__version__; \
 	    sys.exit(0 if v.startswith('2.13.0') else f'torch {v} installed, 2.13.0 expected: a requirement upgraded it')"
+	@# the repository root on the environment's path, so notebooks and JupyterLab import `utils`
+	$(BIN)/python -c "import site, pathlib; pathlib.Path(site.getsitepackages()[0], 'opensora_cpu_study.pth').write_text('$(CURDIR)\n')"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
 test: env
 	$(BIN)/python -m pytest -q tests
+	$(MAKE) smoke
 
-report: env
-	@echo "make report: the measurement notebooks and the rendered report arrive with the measurement-backbone issue (#3)."
+# Every notebook on the tiny profile into a scratch folder; never touches data/results, figures/, report/.
+smoke: env
+	rm -rf $(SMOKE)
+	@for nb in $(NOTEBOOKS); do \
+	    $(BIN)/python -m utils.notebooks $$nb $(SMOKE)/$$(basename $$nb) --profile tiny \
+	        --results $(SMOKE)/results --figures $(SMOKE)/figures --traces $(SMOKE)/traces || exit 1; \
+	done
+	$(BIN)/python -m utils.report --results $(SMOKE)/results --figures $(SMOKE)/figures --out $(SMOKE)/report
+
+# Notebooks run again only when they, the measuring code or the profiles changed.
+build/$(PROFILE)/%.ipynb: notebooks/%.ipynb $(MEASURED_BY) | env
+	$(BIN)/python -m utils.notebooks $< $@ --profile $(PROFILE)
+
+report: env $(EXECUTED) render
+
+# The report from stored records alone (any machine, nothing measured).
+render: env
+	$(BIN)/python -m utils.report
+
+lab: env
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(PIP_EXTRA) -r requirements-lab.txt
+	$(BIN)/python -m ipykernel install --sys-prefix --name opensora-cpu --display-name "OpenSora CPU study"
+	cd notebooks && ../$(BIN)/jupyter lab
+
+tensorboard: env
+	$(BIN)/tensorboard --logdir build/traces --host 127.0.0.1
 
 clean-env:
 	rm -rf $(VENV)

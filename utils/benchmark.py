@@ -74,6 +74,7 @@ class Timing:
     peak_rss_bytes: int | None = None
     peak_device_bytes: int | None = None
     busy_threshold: float = 0.15
+    result: object = field(default=None, repr=False, compare=False)  # what the last timed call returned
 
     @property
     def median_s(self) -> float:
@@ -105,7 +106,8 @@ class Timing:
                     busy_retries=self.busy_retries)
 
     def as_dict(self) -> dict:
-        return asdict(self) | dict(median_s=self.median_s, iqr_s=self.iqr_s)
+        return {k: v for k, v in asdict(self).items() if k != "result"} | dict(median_s=self.median_s,
+                                                                                 iqr_s=self.iqr_s)
 
 
 def measure(fn, *args, warmup: int = 1, repeats: int = 5, threads: int | None = None, device: str = "cpu",
@@ -140,7 +142,7 @@ def measure(fn, *args, warmup: int = 1, repeats: int = 5, threads: int | None = 
             for attempt in range(max_busy_retries + 1):
                 watch.start()
                 start = time.perf_counter()
-                fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
                 synchronize(device)
                 elapsed = time.perf_counter() - start
                 busy = watch.stop()
@@ -154,4 +156,4 @@ def measure(fn, *args, warmup: int = 1, repeats: int = 5, threads: int | None = 
                        if device.startswith("cuda") else None)
     return Timing(first_s=first, times_s=times, warmup=warmup, threads=used_threads, device=device,
                   other_cpu=other, busy_retries=retries, peak_rss_bytes=rss.peak, peak_device_bytes=peak_device,
-                  busy_threshold=busy_threshold)
+                  busy_threshold=busy_threshold, result=result)

@@ -27,6 +27,7 @@ SCHEMA_VERSION = 1
 RESULTS = DATA / "results"
 KINDS = ("measured", "derived", "projected", "emulated")
 CONFIG_FIELDS = ("model", "weights", "resolution", "aspect_ratio", "frames", "steps", "dtype", "threads")
+WEIGHTS = ("random", "real", "trained-mini", "none")  # "none": no model involved (GEMM, bandwidth)
 
 
 class SchemaError(ValueError):
@@ -38,7 +39,6 @@ class Record:
     """One figure. ``kind`` says how it was obtained; ``spread`` holds n, iqr, min, max, ... for
     measured timings; ``quality`` holds fidelity or adherence fields where they apply."""
 
-    notebook: str
     variant: str
     stage: str
     metric: str
@@ -49,6 +49,19 @@ class Record:
     config: dict = field(default_factory=dict)
     quality: dict = field(default_factory=dict)
     note: str = ""
+
+
+def make_config(**fields) -> dict:
+    """A record config: every ``CONFIG_FIELDS`` entry (None where it does not apply) plus extras."""
+    return {name: None for name in CONFIG_FIELDS} | {"weights": "none"} | fields
+
+
+def timing_record(variant: str, stage: str, timing, config: dict, metric: str = "seconds", note: str = "",
+                  scale: float = 1.0) -> Record:
+    """A measured record from a ``benchmark.Timing``: the median (times ``scale``) with its spread."""
+    spread = {k: v * scale if k in ("iqr", "min", "max", "first") else v for k, v in timing.spread().items()}
+    return Record(variant=variant, stage=stage, metric=metric, unit="s", value=timing.median_s * scale,
+                  spread=spread, config=config, note=note)
 
 
 def validate(record: dict) -> dict:
@@ -68,8 +81,8 @@ def validate(record: dict) -> dict:
     missing = [k for k in CONFIG_FIELDS if k not in record["config"]]
     if missing:
         raise SchemaError(f"record config lacks {missing}: {record['config']}")
-    if record["config"]["weights"] not in ("random", "real", "trained-mini"):
-        raise SchemaError(f"config.weights must be random, real or trained-mini, got {record['config']['weights']!r}")
+    if record["config"]["weights"] not in WEIGHTS:
+        raise SchemaError(f"config.weights must be one of {WEIGHTS}, got {record['config']['weights']!r}")
     return record
 
 

@@ -1,0 +1,157 @@
+"""The report renderer over a small synthetic store: files, figures, tables, numbers from records only."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from utils import report
+from utils.pipeline import STAGES
+from utils.profiling import OP_CLASSES
+from utils.results import Record, ResultsStore, load_records, make_config
+
+DENOISE_STEP_S = 123.456  # distinctive: the report must show it as "123"
+MODEL = dict(model="opensora-v1.2", weights="random", resolution="144p", aspect_ratio="9:16", frames=51, steps=30,
+             dtype="fp32", threads=2, text_encoder_dtype="fp32")
+GROUP_MS = dict(spatial_attn=30.0, temporal_attn=10.0, cross_attn=15.0, mlp=35.0, embedders=2.0, final_layer=1.0,
+                other=7.0)
+
+
+def build_store(root: Path, denoise_step_s: float = DENOISE_STEP_S) -> None:
+    env = ResultsStore("00_environment", root=root)
+    for threads in (1, 2):
+        for dtype, scale in (("fp32", 1.0), ("bf16", 3.0), ("int8", 6.0)):
+            unit = "GOP/s" if dtype == "int8" else "GFLOP/s"
+            rates = {"qkv": 40.0 * threads * scale, "mlp_fc1": 45.0 * threads * scale}
+            for shape, rate in rates.items():
+                env.add(Record(variant=dtype, stage="gemm", metric="gflops", unit=unit, value=rate,
+                               spread={"n": 5, "iqr": 0.001},
+                               config=make_config(threads=threads, dtype=dtype, shape=shape, mkn=[64, 32, 16])))
+            env.add(Record(variant=dtype, stage="gemm", metric="gflops_ceiling", unit=unit, value=max(rates.values()),
+                           kind="derived", config=make_config(threads=threads, dtype=dtype)))
+        env.add(Record(variant="copy", stage="memory", metric="gbs", unit="GB/s", value=9.5 * threads,
+                       spread={"n": 5, "iqr": 0.01}, config=make_config(threads=threads)))
+
+    base = ResultsStore("01_baseline", root=root)
+    config = make_config(**MODEL)
+    seconds = {"encode_prompt": 5.0, "prepare_latents": 0.002, "denoise": denoise_step_s, "decode": 40.0}
+    flops = {"encode_prompt": 2e11, "denoise": 1.1e13, "decode": 3e12}
+    for stage, s in seconds.items():
+        metric = "seconds_per_step" if stage == "denoise" else "seconds"
+        base.add(Record(variant="baseline", stage=stage, metric=metric, unit="s", value=s,
+                        spread={"n": 3, "iqr": s / 50}, config=config),
+                 Record(variant="baseline", stage=stage, metric="peak_rss_bytes", unit="B", value=3 * 2**30,
+                        config=config),
+                 Record(variant="baseline", stage=stage, metric="video_seconds", unit="s",
+                        value=s * (MODEL["steps"] if stage == "denoise" else 1), kind="derived", config=config))
+        if stage in flops:
+            base.add(Record(variant="baseline", stage=stage, metric="load_seconds", unit="s", value=7.0, config=config),
+                     Record(variant="baseline", stage=stage, metric="flops", unit="FLOP", value=flops[stage],
+                            kind="derived", config=config),
+                     Record(variant="baseline", stage=stage, metric="gflops", unit="GFLOP/s",
+                            value=flops[stage] / s / 1e9, kind="derived", config=config))
+    total = sum(s * (MODEL["steps"] if stage == "denoise" else 1) for stage, s in seconds.items())
+    base.add(Record(variant="baseline", stage="total", metric="video_seconds", unit="s", value=total, kind="derived",
+                    config=config))
+    check = make_config(**MODEL | dict(frames=17, steps=2))
+    base.add(Record(variant="check", stage="total", metric="derived_video_seconds", unit="s", value=20.0,
+                    kind="derived", config=check),
+             Record(variant="check", stage="total", metric="measured_video_seconds", unit="s", value=21.0,
+                    spread={"n": 1}, config=check),
+             Record(variant="check", stage="total", metric="peak_rss_bytes", unit="B", value=5 * 2**30, config=check))
+
+    prof = ResultsStore("02_stage_profile", root=root)
+    for stage in STAGES:
+        shares = [0.6, 0.2, 0.1, 0.05, 0.0, 0.05, 0.0] if stage != "decode" else [0.1, 0.0, 0.1, 0.1, 0.6, 0.1, 0.0]
+        prof.add(*[Record(variant=c, stage=stage, metric="self_share", unit="fraction", value=v, config=config)
+                   for c, v in zip(OP_CLASSES, shares)])
+        prof.add(Record(variant="baseline", stage=stage, metric="ceiling_fraction", unit="fraction", value=0.5,
+                        kind="derived", config=config))
+    step_ms = sum(GROUP_MS.values())
+    for group, ms in GROUP_MS.items():
+        prof.add(Record(variant=group, stage="denoise", metric="ms_per_step", unit="ms", value=ms, config=config),
+                 Record(variant=group, stage="denoise", metric="share", unit="fraction", value=ms / step_ms,
+                        kind="derived", config=config))
+    for resolution, tokens, s in (("144p", 1440, 0.5), ("240p", 3600, 1.4)):
+        cfg = make_config(**MODEL | dict(resolution=resolution, tokens=tokens))
+        prof.add(Record(variant="block_pair", stage="denoise", metric="seconds", unit="s", value=s,
+                        spread={"n": 2, "iqr": 0.01}, config=cfg),
+                 Record(variant="block_pair", stage="denoise", metric="model_seconds_per_step", unit="s",
+                        value=s * 28 + 0.1, kind="derived", config=cfg))
+    for resolution, pixels, s in (("144p", 144 * 256, 0.3), ("240p", 240 * 426, 0.8)):
+        cfg = make_config(**MODEL | dict(resolution=resolution, pixels=pixels))
+        prof.add(Record(variant="spatial_frame", stage="decode", metric="seconds", unit="s", value=s, config=cfg),
+                 Record(variant="temporal_chunk", stage="decode", metric="seconds", unit="s", value=2 * s, config=cfg))
+    prof.add(Record(variant="t5", stage="encode_prompt", metric="seconds", unit="s", value=4.0, config=config))
+
+
+def render(tmp_path: Path, root: Path):
+    return report.render(results_root=root, figures_dir=tmp_path / "figures", out_dir=tmp_path / "report")
+
+
+def table_row(markdown: str, label: str) -> list[str]:
+    line = next(line for line in markdown.splitlines() if line.startswith(f"| {label}"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("report")
+    build_store(tmp_path / "results")
+    md_path, html_path = render(tmp_path, tmp_path / "results")
+    return tmp_path, md_path, html_path
+
+
+def test_report_files_tables_and_figures(rendered):
+    tmp_path, md_path, html_path = rendered
+    markdown, html = md_path.read_text(), html_path.read_text()
+    assert "<table>" in html and "<img" in html
+    assert "Performance measured on the real architecture with random weights" in markdown
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert len(images) == 6
+    for image in images:
+        assert (md_path.parent / image).resolve().is_file(), image
+    assert "not measured yet" not in markdown.lower()
+
+
+def test_numbers_come_from_records(rendered, tmp_path):
+    _, md_path, _ = rendered
+    row = table_row(md_path.read_text(), "median seconds per call")
+    assert row[2:6] == ["5.00", "0.00200", "123", "40.0"]  # encode, prepare, denoise (one step), decode
+    build_store(tmp_path / "results", denoise_step_s=654.321)
+    changed = render(tmp_path, tmp_path / "results")[0].read_text()
+    assert table_row(changed, "median seconds per call")[4] == "654"
+    assert table_row(changed, "seconds per video")[4] == "19,600"  # 30 x 654.321, derived
+
+
+def test_bottlenecks_rank_and_shares(rendered):
+    tmp_path, _, _ = rendered
+    table = report.bottlenecks(load_records(tmp_path / "results"))
+    assert list(table["rank"]) == list(range(1, len(table) + 1))
+    assert table["share"].is_monotonic_decreasing
+    assert table["share"].iloc[0] == table["share"].max()
+    assert abs(table["share"].sum() - 1) < 1e-6
+    assert table["where"].iloc[0] == "denoise: mlp"  # the largest module group of the largest stage
+    assert set(table["stage"]) == set(STAGES)
+    assert table.loc[table["stage"] == "decode", "dominant op class"].item() == "convolution"
+
+
+def test_empty_store_renders_not_measured(tmp_path):
+    md_path, html_path = render(tmp_path, tmp_path / "nothing")
+    assert "not measured yet" in md_path.read_text().lower()
+    assert html_path.is_file()
+    assert not list((tmp_path / "figures").glob("*.png"))
+
+
+def test_several_environments_and_unknown_one(rendered, tmp_path):
+    source, _, _ = rendered
+    root = tmp_path / "results"
+    build_store(root)
+    primary = next((root / "environments").glob("*.json"))
+    other = json.loads(primary.read_text()) | {"environment_id": "aarch64-graviton-test-64c-00000000",
+                                               "cpu_model": "Graviton test"}
+    (root / "environments" / f"{other['environment_id']}.json").write_text(json.dumps(other))
+    markdown = render(tmp_path, root)[0].read_text()
+    assert f"{primary.stem} (primary)" in markdown and "Graviton test" in markdown
+    with pytest.raises(ValueError, match="accepted"):
+        report.render(results_root=root, figures_dir=tmp_path / "f", out_dir=tmp_path / "r", environment_id="nope")

@@ -1,0 +1,66 @@
+"""Run a study notebook with papermill under a parameter profile (``notebooks/profiles.json``).
+
+    python -m utils.notebooks notebooks/01_baseline.ipynb build/default/01_baseline.ipynb --profile default
+
+The executed copy goes to the output path; the notebook's records go to ``--results`` (default
+``data/results``), its figures to ``--figures`` and profiler traces to ``--traces``. A smoke run points
+all three into a scratch folder so the stored results are never touched.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .paths import REPO
+
+PROFILES = REPO / "notebooks" / "profiles.json"
+
+
+def profile_parameters(profile: str, notebook: str) -> dict:
+    profiles = json.loads(PROFILES.read_text())
+    if profile not in profiles or profile.startswith("_"):
+        accepted = ", ".join(p for p in profiles if not p.startswith("_"))
+        raise ValueError(f"unknown profile {profile!r}; accepted: {accepted}")
+    chosen = profiles[profile]
+    return chosen.get("*", {}) | chosen.get(notebook, {})
+
+
+def run(notebook: Path, output: Path, profile: str, results: str, figures: str, traces: str) -> float:
+    """Execute ``notebook`` into ``output``; returns the wall seconds."""
+    import papermill
+
+    parameters = profile_parameters(profile, notebook.stem) | dict(
+        results_root=results, figures_dir=figures, trace_dir=traces)
+    accepted = papermill.inspect_notebook(str(notebook))  # the notebook's own parameters cell
+    parameters = {name: value for name, value in parameters.items() if name in accepted}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    Path(figures).mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name="python3",
+                               cwd=str(REPO), progress_bar=True, log_output=False)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m utils.notebooks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("notebook", type=Path)
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--profile", default="default")
+    parser.add_argument("--results", default="data/results")
+    parser.add_argument("--figures", default="figures")
+    parser.add_argument("--traces", default="build/traces")
+    args = parser.parse_args(argv)
+    try:
+        profile_parameters(args.profile, args.notebook.stem)
+    except ValueError as err:
+        parser.error(str(err))
+    seconds = run(args.notebook, args.output, args.profile, args.results, args.figures, args.traces)
+    print(f"{args.notebook.name} ({args.profile}): {seconds:.0f} s -> {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
