@@ -91,7 +91,7 @@ def test_incomplete_weights_folder_exits_2(tmp_path, capsys):
 
 
 def test_not_enough_memory_exits_2_before_building(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(memory, "available_bytes", lambda: 8 * memory.GIB)
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 8 * memory.GIB)
     args = [*_with("--model", "opensora-v1.2"), "--dtype", "bf16", "--out", str(tmp_path / "clip.mp4")]
     assert generate.main(args) == 2
     err = capsys.readouterr().err

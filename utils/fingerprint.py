@@ -79,8 +79,10 @@ def git_state() -> dict:
         commit = run("rev-parse", "HEAD")
         dirty = bool(run("status", "--porcelain", "--untracked-files=no"))
     except OSError:
-        return {"commit": None, "dirty": None}
-    return {"commit": commit or None, "dirty": dirty if commit else None}
+        commit, dirty = "", None
+    if not commit:  # a copy without .git (e.g. a lent GPU machine): the caller may name the commit
+        return {"commit": os.environ.get("STUDY_GIT_COMMIT"), "dirty": None}
+    return {"commit": commit, "dirty": dirty}
 
 
 def device_name(device: str = "cpu") -> str:

@@ -64,7 +64,9 @@ def vae_decode_activation_bytes(frames: int, height: int, width: int, micro_batc
     return feature_maps + video
 
 
-def available_bytes() -> int:
+def available_bytes(device: str = "cpu") -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
     return psutil.virtual_memory().available
 
 
@@ -72,19 +74,26 @@ class InsufficientMemoryError(MemoryError):
     pass
 
 
-def check_fits(needed: int, what: str, advice: str, available: int | None = None) -> None:
-    """Raise ``InsufficientMemoryError`` when ``needed`` bytes exceed the memory available now."""
-    available = available_bytes() if available is None else available
+def check_fits(needed: int, what: str, advice: str, device: str = "cpu") -> None:
+    """Raise ``InsufficientMemoryError`` when ``needed`` bytes exceed the memory available now on ``device``."""
+    available = available_bytes(device)
     if needed > available:
         raise InsufficientMemoryError(
             f"{what} needs about {needed / GIB:.1f} GiB but {available / GIB:.1f} GiB is available. {advice}"
         )
 
 
-def timed(fn, *args, **kwargs):
-    """Run ``fn`` and return (result, seconds, peak RSS bytes)."""
+def timed(fn, *args, device: str = "cpu", **kwargs):
+    """Run ``fn`` once and return (result, seconds, peak RSS bytes); on a GPU the clock is read after
+    the device has finished."""
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(torch.device(device))
+
     with PeakRSS() as rss:
+        sync()
         start = time.perf_counter()
         result = fn(*args, **kwargs)
+        sync()
         seconds = time.perf_counter() - start
     return result, seconds, rss.peak

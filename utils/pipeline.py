@@ -92,7 +92,7 @@ class OpenSoraPipeline:
     the stages one model at a time; shape queries (latent size, model arguments) work either way."""
 
     def __init__(self, tokenizer, text_encoder, transformer, vae, scheduler, preset: str,
-                 dtypes: dict[str, torch.dtype], folders: dict[str, Path], seed: int = 0):
+                 dtypes: dict[str, torch.dtype], folders: dict[str, Path], seed: int = 0, device: str = "cpu"):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder  # T5TextEncoder: tokenizer + T5EncoderModel (``.model``)
         self.transformer = transformer
@@ -102,6 +102,7 @@ class OpenSoraPipeline:
         self.dtypes = dtypes  # per component
         self.folders = folders  # per component, when loaded from the official files
         self.seed = seed
+        self.device = device  # where loaded components live: "cpu" or "cuda[:n]"
 
     @property
     def weights(self) -> str:
@@ -120,11 +121,11 @@ class OpenSoraPipeline:
             return
         module = self._module(component)
         check_fits(module_bytes(module, self.dtypes[component]), f"loading the {component}",
-                   "Release another component first, or use bf16.")
+                   "Release another component first, or use bf16.", device=self.device)
         if component in self.folders:
-            load_component(module, component, self.folders[component])
+            load_component(module, component, self.folders[component], device=self.device)
         else:
-            materialize_random(module, self.dtypes[component], seed=self.seed)
+            materialize_random(module, self.dtypes[component], seed=self.seed, device=self.device)
 
     def release(self, component: str) -> None:
         """Free ``component``'s memory; its shapes stay (meta device) and ``load`` brings it back."""
@@ -149,18 +150,19 @@ class OpenSoraPipeline:
         return tuple(self.vae.get_latent_size([setting.num_frames, setting.height, setting.width]))
 
     def prepare_latents(self, batch: int, setting: VideoSetting) -> torch.Tensor:
-        """Gaussian noise z [B, 4, T, H/8, W/8] in the transformer's dtype, from the setting's seed."""
+        """Gaussian noise z [B, 4, T, H/8, W/8] in the transformer's dtype, from the setting's seed
+        (drawn on the CPU, so a seed gives the same noise on every device)."""
         with record_function("prepare_latents"):
             generator = torch.Generator().manual_seed(setting.seed)
             shape = (batch, self.vae.out_channels, *self.latent_size(setting))
-            return torch.randn(shape, generator=generator).to(self.dtypes["transformer"])
+            return torch.randn(shape, generator=generator).to(self.device, self.dtypes["transformer"])
 
     def model_args(self, batch: int, setting: VideoSetting) -> dict[str, torch.Tensor]:
         # upstream prepare_multi_resolution_info: [B] tensors in the model dtype (bf16 rounds them)
         values = dict(height=setting.height, width=setting.width, num_frames=setting.num_frames,
                       ar=setting.height / setting.width, fps=setting.fps)
         dtype = self.dtypes["transformer"]
-        return {k: torch.tensor([v] * batch, dtype=torch.float32).to(dtype) for k, v in values.items()}
+        return {k: torch.tensor([v] * batch, dtype=torch.float32).to(self.device, dtype) for k, v in values.items()}
 
     def denoise(self, z, y, mask, setting: VideoSetting, progress: bool = True) -> torch.Tensor:
         """Rectified-flow sampling with CFG from noise ``z`` to the final latent (float32)."""
@@ -185,15 +187,20 @@ class OpenSoraPipeline:
         """All four stages; with ``free_text_encoder`` the text encoder is released after encoding.
         Components not loaded are loaded when their stage comes (and that time is not a stage's)."""
         seconds, peaks = {}, {}
+
+        def run(stage, *args):
+            result, seconds[stage], peaks[stage] = timed(getattr(self, stage), *args, device=self.device)
+            return result
+
         self.load("text_encoder")
-        (y, mask), seconds["encode_prompt"], peaks["encode_prompt"] = timed(self.encode_prompt, prompts)
+        y, mask = run("encode_prompt", prompts)
         if free_text_encoder:
             self.release("text_encoder")
-        z, seconds["prepare_latents"], peaks["prepare_latents"] = timed(self.prepare_latents, len(prompts), setting)
+        z = run("prepare_latents", len(prompts), setting)
         self.load("transformer")
-        z, seconds["denoise"], peaks["denoise"] = timed(self.denoise, z, y, mask, setting, progress)
+        z = run("denoise", z, y, mask, setting, progress)
         self.load("vae")
-        video, seconds["decode"], peaks["decode"] = timed(self.decode, z, setting)
+        video = run("decode", z, setting)
         return Generation(video=video, latents=z, seconds=seconds, peak_rss_bytes=peaks)
 
 
@@ -225,11 +232,13 @@ def estimate_peak_bytes(transformer, vae, text_encoder_model, setting: VideoSett
 def load_pipeline(preset: str = "opensora-v1.2", weights: str = "random", dtype: str = "bf16",
                   text_encoder_dtype: str | None = None, setting: VideoSetting | None = None,
                   free_text_encoder: bool = False, allow_download: bool = False, seed: int = 0,
-                  tokenizer_path: str | None = None, load: tuple[str, ...] = COMPONENTS) -> OpenSoraPipeline:
+                  tokenizer_path: str | None = None, load: tuple[str, ...] = COMPONENTS,
+                  device: str = "cpu") -> OpenSoraPipeline:
     """Build the pipeline: every module on the meta device first, a memory preflight for ``setting``,
     then one materialisation in the target dtype of the components in ``load``, random
     (``weights="random"``) or from the official files (a folder, or ``"hub"`` for the Hugging Face
-    cache). Components left out of ``load`` stay on the meta device until ``pipe.load(name)``."""
+    cache). Components left out of ``load`` stay on the meta device until ``pipe.load(name)``.
+    ``device`` is where loaded components live ("cpu", or "cuda" for the GPU comparison)."""
     if preset not in PIPELINE_PRESETS:
         raise ValueError(f"unknown pipeline preset {preset!r}; accepted: {', '.join(PIPELINE_PRESETS)}")
     unknown = set(load) - set(COMPONENTS)
@@ -272,13 +281,13 @@ def load_pipeline(preset: str = "opensora-v1.2", weights: str = "random", dtype:
         check_fits(estimate["peak"], f"{preset} ({dtype}, text encoder {text_encoder_dtype or dtype}) at "
                    f"{setting.resolution} {setting.aspect_ratio} {setting.num_frames} frames",
                    f"Try {', or '.join(advice)}. Weights: "
-                   + ", ".join(f"{k} {estimate[k] / GIB:.1f} GiB" for k in COMPONENTS))
+                   + ", ".join(f"{k} {estimate[k] / GIB:.1f} GiB" for k in COMPONENTS), device=device)
 
     tokenizer = load_tokenizer(tokenizer_path or (str(folders["text_encoder"]) if folders else None))
     text_encoder = T5TextEncoder(tokenizer, t5, model_max_length=transformer.config.model_max_length)
     dtypes = {"text_encoder": te_dtype, "transformer": torch_dtype, "vae": torch_dtype}
     pipe = OpenSoraPipeline(tokenizer, text_encoder, transformer, vae, make_scheduler(), preset, dtypes, folders,
-                            seed)
+                            seed, device)
     for component in load:
         pipe.load(component)
     return pipe

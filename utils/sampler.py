@@ -74,7 +74,7 @@ def rflow_sample(
     y_cfg = torch.cat([y, y_null], dim=0)  # [2B, 1, L, D]: conditional first, as upstream
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoise", unit="step", disable=not progress)):
         z_in = torch.cat([z, z], dim=0)  # [2B, C, T, H, W]
-        t_in = t.repeat(z_in.shape[0])
+        t_in = t.to(z.device).repeat(z_in.shape[0])
         pred = model(z_in, t_in, y=y_cfg, mask=mask, **model_args)
         velocity = pred.chunk(2, dim=1)[0]  # upstream drops the sigma half of the output
         cond, uncond = velocity.chunk(2, dim=0)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .benchmark import Timing, measure
+from .benchmark import Timing, measure, synchronize
 from .flops import count_flops
 from .memory import PeakRSS
 from .pipeline import STAGES, OpenSoraPipeline, VideoSetting
@@ -54,7 +54,7 @@ def stage_flops(pipe: OpenSoraPipeline, setting: VideoSetting, batch: int = 1) -
             y = torch.empty(2 * batch, 1, length, cfg.caption_channels)
             _, flops["denoise"] = count_flops(pipe.transformer, x, torch.empty(2 * batch), y=y, **args)
         if not pipe.is_loaded("vae"):
-            z = torch.empty(batch, pipe.vae.out_channels, *pipe.latent_size(setting))
+            z = torch.empty(batch, pipe.vae.out_channels, *pipe.latent_size(setting), dtype=pipe.dtypes["vae"])
             _, flops["decode"] = count_flops(pipe.vae.decode, z, num_frames=setting.num_frames)
     flops["prepare_latents"] = 0
     return flops
@@ -66,27 +66,31 @@ def measure_stages(pipe: OpenSoraPipeline, setting: VideoSetting, prompt: str = 
     step. Returns ``StageResult`` per stage, with FLOPs counted once all models are released."""
     one_step = replace(setting, steps=1)
     results = {}
+    device = pipe.device
 
     pipe.release("transformer"), pipe.release("vae")
     load = _load_timed(pipe, "text_encoder")
-    timing = measure(pipe.encode_prompt, [prompt], warmup=warmup, repeats=repeats, threads=threads)
+    timing = measure(pipe.encode_prompt, [prompt], warmup=warmup, repeats=repeats, threads=threads,
+                     device=device)
     results["encode_prompt"] = StageResult("encode_prompt", timing, load, None)
     y, mask = timing.result
     pipe.release("text_encoder")
 
-    timing = measure(pipe.prepare_latents, 1, setting, warmup=warmup, repeats=repeats, threads=threads)
+    timing = measure(pipe.prepare_latents, 1, setting, warmup=warmup, repeats=repeats, threads=threads,
+                     device=device)
     results["prepare_latents"] = StageResult("prepare_latents", timing, None, None)
     z = timing.result
 
     load = _load_timed(pipe, "transformer")
     timing = measure(pipe.denoise, z, y, mask, one_step, progress=False, warmup=warmup, repeats=repeats,
-                     threads=threads)
+                     threads=threads, device=device)
     results["denoise"] = StageResult("denoise", timing, load, None)
     latents = timing.result
     pipe.release("transformer")
 
     load = _load_timed(pipe, "vae")
-    timing = measure(pipe.decode, latents, setting, warmup=warmup, repeats=repeats, threads=threads)
+    timing = measure(pipe.decode, latents, setting, warmup=warmup, repeats=repeats, threads=threads,
+                     device=device)
     results["decode"] = StageResult("decode", timing, load, None)
     pipe.release("vae")
 
@@ -105,19 +109,24 @@ def derived_video_seconds(results: dict[str, StageResult], steps: int) -> dict[s
 def complete_run(pipe: OpenSoraPipeline, setting: VideoSetting, prompt: str = DEFAULT_PROMPT,
                  threads: int | None = None) -> tuple[dict[str, float], int]:
     """One whole generation, one model in memory at a time; returns stage seconds (loads excluded)
-    and the peak resident memory of the whole run."""
+    and the peak memory of the whole run (resident set on CPU, allocated bytes on a GPU)."""
     for component in ("transformer", "vae"):
         pipe.release(component)
+    gpu = pipe.device.startswith("cuda")
+    if gpu:
+        torch.cuda.reset_peak_memory_stats(torch.device(pipe.device))
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)
     try:
         with PeakRSS() as rss:
             generation = pipe([prompt], setting, progress=True, free_text_encoder=True)
+            synchronize(pipe.device)
     finally:
         torch.set_num_threads(previous)
         for component in ("text_encoder", "transformer", "vae"):
             pipe.release(component)
-    return generation.seconds, rss.peak
+    peak = torch.cuda.max_memory_allocated(torch.device(pipe.device)) if gpu else rss.peak
+    return generation.seconds, peak
 
 
 def record_config(pipe: OpenSoraPipeline, setting: VideoSetting, threads: int, **extra) -> dict:

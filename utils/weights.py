@@ -54,9 +54,9 @@ def _fan_in(tensor: torch.Tensor) -> int:
     return math.prod(tensor.shape[1:])
 
 
-def _allocate(module: nn.Module) -> None:
-    """Real (uninitialised) CPU memory for a meta module, with tied weights tied again."""
-    module.to_empty(device="cpu")
+def _allocate(module: nn.Module, device: str = "cpu") -> None:
+    """Real (uninitialised) memory on ``device`` for a meta module, with tied weights tied again."""
+    module.to_empty(device=device)
     tie = getattr(module, "tie_weights", None)  # transformers models: T5's shared/embed_tokens
     if callable(tie):
         tie()
@@ -70,18 +70,20 @@ def _reset_constants(module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def materialize_random(module: nn.Module, dtype: torch.dtype, seed: int = 0, chunk_rows: int = 1024) -> nn.Module:
-    """Turn a module built on the meta device into real CPU tensors of ``dtype``, filled randomly.
+def materialize_random(module: nn.Module, dtype: torch.dtype, seed: int = 0, chunk_rows: int = 1024,
+                       device: str = "cpu") -> nn.Module:
+    """Turn a module built on the meta device into real tensors of ``dtype`` on ``device``, filled randomly.
 
     Memory is allocated once, directly in ``dtype`` (a bf16 T5-XXL never exists in fp32). Weights of
     rank >= 2 get N(0, 1/fan_in) (activations keep unit scale through deep stacks), rank-1 tensors
     named like a norm weight or scale get ones, other rank-1 tensors zeros. Non-persistent buffers
     (position tables, RoPE frequencies) are recomputed by their module's ``reset_buffers`` if it has one.
-    Filling goes in row chunks through a float32 scratch of at most ``chunk_rows`` rows.
+    Filling goes in row chunks through a float32 scratch of at most ``chunk_rows`` rows, drawn on
+    ``device`` (so a GPU fills its own memory; values differ between devices, shapes do not).
     """
     module.to(dtype=dtype)
-    _allocate(module)
-    gen = torch.Generator().manual_seed(seed)
+    _allocate(module, device)
+    gen = torch.Generator(device).manual_seed(seed)
     tensors = list(module.named_parameters()) + list(module.named_buffers())
     large = sum(t.numel() for _, t in tensors) > 200_000_000  # a bar only where filling takes seconds
     for name, tensor in tqdm(tensors, desc=f"random {type(module).__name__}", unit="tensor", disable=not large):
@@ -93,7 +95,7 @@ def materialize_random(module: nn.Module, dtype: torch.dtype, seed: int = 0, chu
             flat = tensor.view(tensor.shape[0], -1)
             for start in range(0, flat.shape[0], chunk_rows):
                 rows = flat[start:start + chunk_rows]
-                rows.copy_(torch.randn(rows.shape, generator=gen) * std)
+                rows.copy_(torch.randn(rows.shape, generator=gen, device=device) * std)
         elif "norm" in name or leaf in ("weight", "scale", "g"):
             tensor.fill_(1.0)
         else:
@@ -208,19 +210,19 @@ def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: 
 
 
 @torch.no_grad()
-def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str, device: str = "cpu") -> nn.Module:
     """Check ``state`` against ``module`` and copy it in (cast to the module's dtype).
 
-    A module still on the meta device is first given real memory in its own dtype."""
+    A module still on the meta device is first given real memory on ``device`` in its own dtype."""
     check_state_dict(module, state, source)
     if any(p.is_meta for p in module.parameters()):
-        _allocate(module)
+        _allocate(module, device)
         _reset_constants(module)  # non-persistent buffers are not in the file
     module.load_state_dict(state, strict=True)
     return module
 
 
-def load_component(module: nn.Module, component: str, folder: Path) -> nn.Module:
+def load_component(module: nn.Module, component: str, folder: Path, device: str = "cpu") -> nn.Module:
     """Load the official ``component`` ('transformer', 'vae' or 'text_encoder') from ``folder``."""
     if component == "text_encoder":
         # the DeepFloyd files hold the whole T5; the encoder keeps `shared` and `encoder.*`
@@ -229,4 +231,4 @@ def load_component(module: nn.Module, component: str, folder: Path) -> nn.Module
             state["encoder.embed_tokens.weight"] = state["shared.weight"]  # tied in T5EncoderModel
     else:
         state = read_checkpoint(folder, component)
-    return load_strict(module, state, str(folder))
+    return load_strict(module, state, str(folder), device)
