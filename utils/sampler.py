@@ -33,7 +33,7 @@ def rflow_timesteps(num_steps: int, height: torch.Tensor, width: torch.Tensor, n
     base = torch.tensor([(1.0 - i / num_steps) * NUM_TIMESTEPS for i in range(num_steps)])  # float32
     if not use_timestep_transform:
         return base
-    r = shift_ratio(height[:1], width[:1], num_frames[:1])
+    r = shift_ratio(height[:1].cpu(), width[:1].cpu(), num_frames[:1].cpu())  # the schedule lives on the CPU
     s = base / NUM_TIMESTEPS
     return (r * s / (1 + (r - 1) * s) * NUM_TIMESTEPS).float()
 
