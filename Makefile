@@ -12,8 +12,12 @@ PIP_EXTRA ?=
 PROFILE   ?= default
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 EXECUTED  := $(patsubst notebooks/%,build/$(PROFILE)/%,$(NOTEBOOKS))
-# what a measurement depends on (the report and plot code only shape the rendering)
-MEASURED_BY := $(filter-out utils/report.py utils/plots.py,$(wildcard utils/*.py)) notebooks/profiles.json
+# what a measurement depends on: the pipeline and the measuring code (not the report, plots or readers)
+MEASURING := $(addprefix utils/,aspect.py benchmark.py captions.py ceilings.py fingerprint.py flops.py \
+    memory.py paths.py pipeline.py profiling.py results.py sampler.py stage_profile.py stages.py stdit3.py \
+    text_encoder.py vae.py vae_temporal.py weights.py) notebooks/profiles.json
+# what the notebooks that only read records (90-99) depend on
+READING   := utils/cross_platform.py utils/results.py data/prices.csv $(wildcard data/results/*/*.json)
 SMOKE     := build/smoke
 
 .PHONY: env test smoke report render lab tensorboard clean-env
@@ -44,8 +48,11 @@ smoke: env
 	done
 	$(BIN)/python -m utils.report --results $(SMOKE)/results --figures $(SMOKE)/figures --out $(SMOKE)/report
 
-# Notebooks run again only when they, the measuring code or the profiles changed.
-build/$(PROFILE)/%.ipynb: notebooks/%.ipynb $(MEASURED_BY) | env
+# Notebooks run again only when they or what they depend on changed.
+build/$(PROFILE)/0%.ipynb: notebooks/0%.ipynb $(MEASURING) | env
+	$(BIN)/python -m utils.notebooks $< $@ --profile $(PROFILE)
+
+build/$(PROFILE)/9%.ipynb: notebooks/9%.ipynb $(READING) | env
 	$(BIN)/python -m utils.notebooks $< $@ --profile $(PROFILE)
 
 report: env $(EXECUTED) render

@@ -73,10 +73,11 @@ def _onednn_version() -> str | None:
 
 def git_state() -> dict:
     def run(*args):
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
 
     try:
-        commit = run("rev-parse", "HEAD")
+        commit = run("rev-parse", "--verify", "HEAD")
         dirty = bool(run("status", "--porcelain", "--untracked-files=no"))
     except OSError:
         commit, dirty = "", None

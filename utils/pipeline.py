@@ -6,7 +6,6 @@ the one tuple of stage names used by profiler labels, result records and plots.
 """
 from __future__ import annotations
 
-import gc
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +14,8 @@ import torch
 from torch.profiler import record_function
 
 from . import aspect
-from .memory import GIB, InsufficientMemoryError, check_fits, denoiser_activation_bytes, module_bytes, timed, \
-    vae_decode_activation_bytes
+from .memory import GIB, InsufficientMemoryError, check_fits, denoiser_activation_bytes, module_bytes, \
+    return_freed_memory, timed, vae_decode_activation_bytes
 from .sampler import make_scheduler, rflow_sample
 from .stdit3 import STDIT3_PRESETS, build_stdit3, config_from_dict
 from .text_encoder import T5TextEncoder, append_score_to_prompts, build_t5_encoder, load_tokenizer, \
@@ -130,7 +129,7 @@ class OpenSoraPipeline:
     def release(self, component: str) -> None:
         """Free ``component``'s memory; its shapes stay (meta device) and ``load`` brings it back."""
         self._module(component).to("meta")
-        gc.collect()
+        return_freed_memory()
 
     def _require(self, component: str, stage: str) -> None:
         if not self.is_loaded(component):

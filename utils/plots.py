@@ -313,6 +313,36 @@ def scaling(df: pd.DataFrame, path, environment: dict | None = None) -> Path | N
 
 
 # name -> (function, what the figure shows); the report draws them all in this order
+def cross_platform(totals: pd.DataFrame, projection: pd.DataFrame, path) -> Path | None:
+    """Seconds per video of every platform set-up (derived from measured records) at each setting,
+    with the Graviton projections (hatched) at the CPU baseline's setting. Log scale."""
+    if totals.empty:
+        return None
+    bars = [(f"{r.platform}\n{r.variant} ({r.dtype}, T5 {r.text_encoder_dtype})", f"{r.resolution} {r.frames}f",
+             r.seconds, False) for r in totals.itertuples()]
+    if projection is not None and not projection.empty:
+        per_instance = projection.groupby(["instance", "generation", "resolution", "frames"], as_index=False)
+        for r in per_instance.projected_seconds.sum().itertuples():
+            bars.append((f"{r.instance} ({r.generation})\nfp32, projected", f"{r.resolution} {r.frames}f",
+                         r.projected_seconds, True))
+    settings = sorted({b[1] for b in bars}, key=lambda s: (int(s.split("p")[0]), s))
+    figure, axes = _figure(5.5 * len(settings), 0.9 + 0.45 * max(sum(b[1] == s for b in bars) for s in settings),
+                           len(settings))
+    for ax, setting in zip(axes, settings):
+        chosen = sorted([b for b in bars if b[1] == setting], key=lambda b: b[2])
+        for i, (label, _, seconds, projected) in enumerate(chosen):
+            ax.barh(i, seconds, color="tab:gray" if projected else "tab:blue", hatch="//" if projected else None)
+            ax.annotate(f"{_short(seconds)} s", (seconds, i), xytext=(3, 0), textcoords="offset points",
+                        va="center", fontsize=7)
+        ax.set_yticks(range(len(chosen)), [b[0] for b in chosen], fontsize=7)
+        ax.set_xscale("log")
+        ax.set(title=f"{setting}, 30 steps", xlabel="seconds per video")
+        ax.grid(axis="x", alpha=0.3)
+    figure.suptitle("Seconds per video by platform: derived from measured stage times (solid), "
+                    "projected (hatched); random weights", fontsize=10)
+    return _save(figure, path)
+
+
 FIGURES = {
     "ceilings": (ceilings, "GEMM rate per dtype and thread count (measured) with the per-dtype ceiling (derived)"),
     "baseline_stage_times": (stage_times, "baseline seconds per video by stage, derived from measured stage times"),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import plots
+from . import cross_platform, plots
 from .paths import FIGURES, REPORT
 from .pipeline import STAGES
 from .plots import baseline_rows, newest_setting, one_environment, prepare, select, setting_label, value_of
@@ -398,6 +398,29 @@ blockquote { border-left: 4px solid #d9822b; background: #fff6ec; margin: 1em 0;
 code { background: #f3f3f3; padding: 0 0.2em; }"""
 
 
+def _cross_platform(xp: dict) -> dict | None:
+    """Tables of the cross-platform section (None when no platform has per-video times)."""
+    if xp["totals"].empty:
+        return None
+    totals = xp["totals"].rename(columns={"text_encoder_dtype": "T5 dtype", "seconds": "seconds per video"})
+    projection = None
+    if not xp["projection"].empty:
+        projection = (xp["projection"].pivot_table(index=["instance", "generation"], columns="stage",
+                                                   values="projected_seconds")
+                      .assign(total=lambda d: d.sum(axis=1)).reset_index())
+    costs = None
+    if not xp["costs"].empty:
+        costs = xp["costs"][["platform", "instance", "variant", "resolution", "frames", "seconds", "kind",
+                             "usd_per_hour", "unit", "usd_per_video", "date"]]
+    return dict(totals=totals.drop(columns=["environment_id"]),
+                published=None if xp["published"].empty else xp["published"],
+                projection=projection, costs=costs, gemm_efficiency=xp["gemm_efficiency"],
+                fractions=None if xp["projection"].empty else
+                xp["projection"].drop_duplicates("stage")[["stage", "ceiling_fraction_here", "flops_per_video"]],
+                price_sources=cross_platform.prices()[["platform", "instance", "usd_per_hour", "unit", "source",
+                                                       "date", "note"]])
+
+
 def _write_atomic(path: Path, content: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -444,6 +467,14 @@ def render(results_root=RESULTS, figures_dir=FIGURES, out_dir=REPORT,
             figures[name] = dict(path=Path(os.path.relpath(drawn, out_dir)).as_posix(), caption=what,
                                  context=plots.context_label(shown, environment))
 
+    xp = cross_platform.summary(records, environments, primary)
+    drawn = plots.cross_platform(xp["totals"], xp["projection"], figures_dir / "cross_platform.png")
+    if drawn is None:
+        (figures_dir / "cross_platform.png").unlink(missing_ok=True)
+    figures["cross_platform"] = None if drawn is None else dict(
+        path=Path(os.path.relpath(drawn, out_dir)).as_posix(), context="every platform in the store",
+        caption="seconds per video by platform, derived from measured stage times (solid) or projected (hatched)")
+
     ranked = bottlenecks(df)
     base = baseline_rows(df)
     title = "OpenSora 1.2 text-to-video on CPU: inference study"
@@ -458,6 +489,7 @@ def render(results_root=RESULTS, figures_dir=FIGURES, out_dir=REPORT,
         bottlenecks=None if ranked.empty else ranked.drop(columns=["stage", "component"]),
         bottleneck_setting=setting_label(base),
         group_split=not newest_setting(select(df, stage="denoise", metric=["ms_per_step", "share"])).empty,
+        xp=_cross_platform(xp),
     )
     template_env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
                                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)

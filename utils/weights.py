@@ -86,7 +86,8 @@ def materialize_random(module: nn.Module, dtype: torch.dtype, seed: int = 0, chu
     gen = torch.Generator(device).manual_seed(seed)
     tensors = list(module.named_parameters()) + list(module.named_buffers())
     large = sum(t.numel() for _, t in tensors) > 200_000_000  # a bar only where filling takes seconds
-    for name, tensor in tqdm(tensors, desc=f"random {type(module).__name__}", unit="tensor", disable=not large):
+    for name, tensor in tqdm(tensors, desc=f"random {type(module).__name__}", unit="tensor", disable=not large,
+                             mininterval=2.0):
         if not tensor.is_floating_point():
             continue
         leaf = name.rsplit(".", 1)[-1]

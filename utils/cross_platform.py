@@ -1,0 +1,157 @@
+"""Cross-platform comparison from stored records only: every platform's per-video times at the same
+settings, our H100 against upstream's published H100 table, projections for Graviton instances no one
+has measured yet, and cost per video from an editable price table (``data/prices.csv``)."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pandas as pd
+
+from .paths import DATA, UPSTREAM
+
+PUBLISHED_H100 = UPSTREAM / "opensora_v1_2_published_h100.json"
+PRICES = DATA / "prices.csv"
+TIMING_NOTEBOOKS = ("01_baseline", "80_gpu_bench")
+DEFAULT_GEMM_EFFICIENCY = 0.8  # assumed share of a Graviton's theoretical fp32 peak that a tuned GEMM reaches
+
+# Graviton instances for the projection: cores, the SIMD FP32 FLOP per cycle per core and the clock,
+# from shared/reference/graviton-pytorch.md section 3 (AWS Graviton getting-started README table; the
+# FLOP/cycle is derived there from the pipe count, assuming one FMA per pipe per cycle).
+GRAVITON = {
+    "c7g.16xlarge": dict(generation="Graviton3", cores=64, flop_per_cycle_fp32=32, ghz=2.6),
+    "c8g.16xlarge": dict(generation="Graviton4", cores=64, flop_per_cycle_fp32=32, ghz=2.8),
+    "c8g.24xlarge": dict(generation="Graviton4", cores=96, flop_per_cycle_fp32=32, ghz=2.8),
+    "m7g.16xlarge": dict(generation="Graviton3", cores=64, flop_per_cycle_fp32=32, ghz=2.6),
+    "c6g.16xlarge": dict(generation="Graviton2", cores=64, flop_per_cycle_fp32=16, ghz=2.5),
+}
+
+
+def platform_name(environment: dict) -> str:
+    if environment.get("device", "cpu") != "cpu":
+        return environment["device"]
+    return f"{environment['cpu_model']}, {environment['arch']}"
+
+
+def video_times(records: pd.DataFrame, environments: dict[str, dict]) -> pd.DataFrame:
+    """Derived per-video seconds per stage and in total, one row per (platform, variant, setting, stage),
+    from the CPU baseline and the GPU bench."""
+    rows = records[records.notebook.isin(TIMING_NOTEBOOKS) & (records.metric == "video_seconds")]
+    if rows.empty:
+        return pd.DataFrame(columns=["platform", "environment_id", "variant", "dtype", "text_encoder_dtype",
+                                     "resolution", "frames", "steps", "stage", "seconds", "kind"])
+    out = pd.DataFrame({
+        "platform": [platform_name(environments.get(e, {"device": e})) for e in rows.environment_id],
+        "environment_id": rows.environment_id, "variant": rows.variant, "dtype": rows["config.dtype"],
+        "text_encoder_dtype": rows["config.text_encoder_dtype"], "resolution": rows["config.resolution"],
+        "frames": rows["config.frames"].astype(int), "steps": rows["config.steps"].astype(int),
+        "stage": rows.stage, "seconds": rows.value, "kind": rows.kind,
+    })
+    return out.reset_index(drop=True)
+
+
+def totals(times: pd.DataFrame) -> pd.DataFrame:
+    """One row per platform set-up and setting: total derived seconds of one video."""
+    keys = ["platform", "environment_id", "variant", "dtype", "text_encoder_dtype", "resolution", "frames", "steps"]
+    return times[times.stage == "total"][keys + ["seconds"]].sort_values(["resolution", "frames", "seconds"])
+
+
+def published_h100() -> pd.DataFrame:
+    cases = json.loads(PUBLISHED_H100.read_text())["cases"]
+    return pd.DataFrame(cases)
+
+
+def against_published(records: pd.DataFrame, environments: dict[str, dict]) -> pd.DataFrame:
+    """Our GPU set-up that matches upstream's inference script (T5 fp32, model bf16) against upstream's
+    published H100 times at the same resolution and frame count (30 steps both)."""
+    gpu = totals(video_times(records, environments))
+    gpu = gpu[(gpu.variant == "upstream") & gpu.platform.str.contains("H100")]
+    measured = records[(records.notebook == "80_gpu_bench") & (records.metric == "measured_video_seconds")]
+    published = published_h100()
+    rows = []
+    for row in gpu.itertuples():
+        match = published[(published.resolution == row.resolution) & (published.frames == row.frames)]
+        if match.empty:
+            continue
+        complete = measured[(measured.variant == row.variant) & (measured["config.resolution"] == row.resolution)
+                            & (measured["config.frames"] == row.frames)]
+        rows.append(dict(resolution=row.resolution, frames=row.frames, duration=match.duration.iloc[0],
+                         ours_derived_s=row.seconds,
+                         ours_measured_s=complete.value.iloc[0] if not complete.empty else None,
+                         upstream_published_s=float(match.seconds.iloc[0]),
+                         ratio_ours_over_upstream=row.seconds / float(match.seconds.iloc[0])))
+    return pd.DataFrame(rows)
+
+
+def prices() -> pd.DataFrame:
+    with open(PRICES) as f:
+        rows = [r for r in csv.DictReader(line for line in f if not line.startswith("#"))]
+    table = pd.DataFrame(rows)
+    table["usd_per_hour"] = table.usd_per_hour.astype(float)
+    return table
+
+
+def cost_per_video(table: pd.DataFrame, price_table: pd.DataFrame) -> pd.DataFrame:
+    """Seconds x hourly price for every row of ``table`` (platform, seconds) whose platform has a price."""
+    merged = table.merge(price_table, left_on="platform", right_on="platform", how="inner")
+    merged["usd_per_video"] = merged.seconds * merged.usd_per_hour / 3600
+    return merged
+
+
+def graviton_projection(records: pd.DataFrame, environment_id: str, gemm_efficiency: float = DEFAULT_GEMM_EFFICIENCY,
+                        instances: dict[str, dict] = GRAVITON) -> pd.DataFrame:
+    """Projected fp32 per-video seconds of the CPU baseline's setting on Graviton instances.
+
+    Per stage: time = FLOPs per video / (ceiling fraction measured here x the instance's fp32 GEMM
+    ceiling), where the instance's ceiling = cores x FLOP/cycle x GHz x ``gemm_efficiency`` (the share
+    of its theoretical peak a tuned GEMM reaches: an assumption) and the ceiling fraction is the
+    stage's achieved GFLOP/s over this machine's measured fp32 GEMM ceiling at the same thread count.
+    Assumes perfect scaling with cores and the same kernel efficiency on Arm: a projection, to be
+    replaced by measurements."""
+    mine = records[records.environment_id == environment_id]
+    base = mine[(mine.notebook == "01_baseline") & (mine.variant == "baseline")]
+    if base.empty:
+        return pd.DataFrame()
+    threads = int(base["config.threads"].iloc[0])
+    ceilings = mine[(mine.metric == "gflops_ceiling") & (mine.variant == "fp32") & (mine["config.threads"] == threads)]
+    if ceilings.empty:
+        return pd.DataFrame()
+    ceiling_here = float(ceilings.value.iloc[0])
+    steps = int(base["config.steps"].iloc[0])
+    rows = []
+    for stage in ("encode_prompt", "denoise", "decode"):
+        flops = base[(base.stage == stage) & (base.metric == "flops")]
+        achieved = base[(base.stage == stage) & (base.metric == "gflops")]
+        if flops.empty or achieved.empty:
+            continue
+        per_video = float(flops.value.iloc[0]) * (steps if stage == "denoise" else 1)
+        fraction = float(achieved.value.iloc[0]) / ceiling_here
+        for name, spec in instances.items():
+            ceiling = spec["cores"] * spec["flop_per_cycle_fp32"] * spec["ghz"] * gemm_efficiency
+            rows.append(dict(instance=name, generation=spec["generation"], stage=stage, flops_per_video=per_video,
+                             ceiling_fraction_here=fraction, instance_gemm_gflops=ceiling,
+                             projected_seconds=per_video / (fraction * ceiling * 1e9)))
+    projection = pd.DataFrame(rows)
+    if projection.empty:
+        return projection
+    projection["resolution"] = base["config.resolution"].iloc[0]
+    projection["frames"] = int(base["config.frames"].iloc[0])
+    projection["steps"] = steps
+    return projection
+
+
+def summary(records: pd.DataFrame, environments: dict[str, dict], environment_id: str | None,
+            gemm_efficiency: float = DEFAULT_GEMM_EFFICIENCY) -> dict:
+    """Everything the report's cross-platform section shows: totals per platform set-up, the comparison
+    with upstream's published H100 times, the Graviton projection (per instance) and costs per video."""
+    table = totals(video_times(records, environments))
+    projection = graviton_projection(records, environment_id, gemm_efficiency) if environment_id else pd.DataFrame()
+    projected = pd.DataFrame(columns=["platform", "seconds", "kind"])
+    if not projection.empty:
+        projected = (projection.groupby(["instance", "generation", "resolution", "frames", "steps"], as_index=False)
+                     .projected_seconds.sum().rename(columns={"instance": "platform", "projected_seconds": "seconds"})
+                     .assign(kind="projected"))
+    costs = cost_per_video(pd.concat([table.assign(kind="derived from measured"), projected], ignore_index=True),
+                           prices())
+    return dict(totals=table, published=against_published(records, environments), projection=projection,
+                projected=projected, costs=costs, gemm_efficiency=gemm_efficiency)
