@@ -416,7 +416,10 @@ def _cross_platform(xp: dict) -> dict | None:
                 published=None if xp["published"].empty else xp["published"],
                 projection=projection, costs=costs, gemm_efficiency=xp["gemm_efficiency"],
                 fractions=None if xp["projection"].empty else
-                xp["projection"].drop_duplicates("stage")[["stage", "ceiling_fraction_here", "flops_per_video"]],
+                xp["projection"].drop_duplicates("stage").assign(tflop=lambda d: d.flops_per_video / 1e12)
+                [["stage", "ceiling_fraction_here", "tflop"]]
+                .rename(columns={"ceiling_fraction_here": "fraction of the fp32 GEMM ceiling here (derived)",
+                                 "tflop": "TFLOP per video (counted)"}),
                 price_sources=cross_platform.prices()[["platform", "instance", "usd_per_hour", "unit", "source",
                                                        "date", "note"]])
 
