@@ -117,3 +117,14 @@ def test_absent_folders(tmp_path):
         load_pipeline("tiny", weights=str(tmp_path / "nowhere"))
     with pytest.raises(CheckpointError, match="no transformer weights for hpcai-tech/OpenSora-STDiT-v3"):
         load_pipeline("tiny", weights=str(tmp_path))
+
+
+def test_reloading_a_released_transformer_gives_the_same_random_weights():
+    model = build_stdit3("tiny", device="meta")
+    materialize_random(model, torch.float32, seed=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.rope.rotate_queries_or_keys(torch.zeros(1, 1, 5, model.config.head_dim))  # fills rope.cached_freqs
+    assert model.rope.cached_freqs is not None
+    model.to("meta")
+    materialize_random(model, torch.float32, seed=3)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

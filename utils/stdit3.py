@@ -53,6 +53,9 @@ STDIT3_PRESETS = {
     "STDiT3-XL/2": STDiT3Config(),
     # the config of the shared upstream fixture (data/upstream/stdit3_tiny_reference.json)
     "tiny": STDiT3Config(depth=2, hidden_size=64, num_heads=4, caption_channels=32, model_max_length=8),
+    # the quality testbed's model (utils.minimodel): trained here on 17x64x64 synthetic clips (80 tokens)
+    "mini": STDiT3Config(depth=4, hidden_size=128, num_heads=4, caption_channels=64, model_max_length=24,
+                         input_sq_size=64),
 }
 
 # fields of the hub's config.json that do not change the model on CPU
@@ -195,6 +198,9 @@ class CaptionEmbedder(nn.Module):
 class SelfAttention(nn.Module):
     """Fused-qkv multi-head attention with per-head RMSNorm on q, k and optional RoPE (temporal)."""
 
+    # the attention kernel (q, k, v [B, H, L, D]); utils.attention.apply_attention swaps it per instance
+    attention = staticmethod(F.scaled_dot_product_attention)
+
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, rotate=None):
         super().__init__()
         self.num_heads = num_heads
@@ -214,12 +220,15 @@ class SelfAttention(nn.Module):
         if self.rotate is not None:
             # upstream order (qk_norm_legacy=False): norm first, then RoPE over the sequence dim
             q, k = self.rotate(q), self.rotate(k)
-        x = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, D]
+        x = self.attention(q, k, v)  # [B, H, N, D]
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
 class CrossAttention(nn.Module):
     """Visual tokens attend to their own sample's caption tokens (no norm, no gate, no modulation)."""
+
+    # the attention kernel (q, k, v, attn_mask); utils.attention.apply_attention swaps it per instance
+    attention = staticmethod(F.scaled_dot_product_attention)
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -237,7 +246,7 @@ class CrossAttention(nn.Module):
         k, v = kv.unbind(0)
         # upstream: xformers BlockDiagonalMask over the valid tokens of each sample; same maths as a key mask
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, L]
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, H, N, D]
+        x = self.attention(q, k, v, attn_mask=attn_mask)  # [B, H, N, D]
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 

@@ -55,6 +55,9 @@ T5_PRESETS = {
                         num_heads=64, d_kv=64),
     # same family and vocabulary (any tokenizer's ids fit), small enough to run in a unit test
     "tiny": dict(_T5_V1_1, d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=8),
+    # the quality testbed's encoder (utils.minimodel): its own word-level vocabulary of the captions
+    "mini": dict(_T5_V1_1, vocab_size=128, d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+                 d_kv=16),
 }
 
 
@@ -184,8 +187,11 @@ def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerFast:
         return load_standin_tokenizer()
     if folder is None or not _has_tokenizer_files(folder):
         return load_standin_tokenizer(f"no tokenizer.json or spiece.model in {searched}")
-    # upstream's AutoTokenizer on DeepFloyd's files resolves to this class; spiece.model needs protobuf
-    tokenizer = T5Tokenizer.from_pretrained(folder, local_files_only=True)
+    if (folder / "spiece.model").is_file():
+        # upstream's AutoTokenizer on DeepFloyd's files resolves to this class; spiece.model needs protobuf
+        tokenizer = T5Tokenizer.from_pretrained(folder, local_files_only=True)
+    else:  # a tokenizer.json of our own (the mini model's word-level vocabulary)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
     tokenizer.is_standin = False
     return tokenizer
 

@@ -60,6 +60,17 @@ VAE_PRESETS = {
         "pipeline_config": dict(micro_frame_size=17, micro_batch_size=4,
                                 shift=[-0.10, 0.34, 0.27, 0.98], scale=[3.85, 2.32, 2.33, 3.06]),
     },
+    # the quality testbed's VAE (utils.minimodel), trained here on 64x64 synthetic clips; its shift/scale
+    # are measured on the training latents and stored in its checkpoint (these are placeholders)
+    "mini": {
+        "spatial_vae_config": dict(_SDXL_BLOCKS, block_out_channels=[16, 32, 32, 32], layers_per_block=1,
+                                   norm_num_groups=8, sample_size=64, scaling_factor=0.13025, force_upcast=False),
+        "temporal_vae_config": dict(in_out_channels=4, latent_embed_dim=4, embed_dim=4, filters=16, num_res_blocks=1,
+                                    channel_multipliers=[1, 2, 2, 4], temporal_downsample=[False, True, True],
+                                    num_groups=4, activation_fn="swish"),
+        "pipeline_config": dict(micro_frame_size=17, micro_batch_size=None,
+                                shift=[0.0, 0.0, 0.0, 0.0], scale=[1.0, 1.0, 1.0, 1.0]),
+    },
 }
 
 

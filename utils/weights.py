@@ -84,7 +84,11 @@ def materialize_random(module: nn.Module, dtype: torch.dtype, seed: int = 0, chu
     module.to(dtype=dtype)
     _allocate(module, device)
     gen = torch.Generator(device).manual_seed(seed)
-    tensors = list(module.named_parameters()) + list(module.named_buffers())
+    # non-persistent buffers are recomputed below; a cache one holds after a forward pass (rope.cached_freqs)
+    # would otherwise draw from the stream and change every weight after it on a reload
+    transient = {f"{name}.{buffer}".lstrip(".") for name, sub in module.named_modules()
+                 for buffer in sub._non_persistent_buffers_set}
+    tensors = list(module.named_parameters()) + [(n, b) for n, b in module.named_buffers() if n not in transient]
     large = sum(t.numel() for _, t in tensors) > 200_000_000  # a bar only where filling takes seconds
     for name, tensor in tqdm(tensors, desc=f"random {type(module).__name__}", unit="tensor", disable=not large,
                              mininterval=2.0):

@@ -1,0 +1,112 @@
+"""The quality testbed's mini model: tokenizer, strict loading of the committed weights, training code,
+and the adherence of the committed model against controls that must fail."""
+import json
+
+import pytest
+import torch
+
+from utils import minimodel, minitrain, synthetic
+from utils.noise_floor import perturb_weights, restore_weights
+from utils.pipeline import load_pipeline
+from utils.quality import adherence, adherence_summary
+from utils.weights import CheckpointError
+
+# A handful of captions from each split, one seed: measured all-correct on these (fp32, 30 steps) is in
+# data/results/<env>/03_quality_baseline.json over the whole splits; the bounds below leave a margin.
+TRAIN_CAPTIONS = synthetic.TRAIN[::6]  # 10 combinations
+HELD_OUT_CAPTIONS = synthetic.HELD_OUT
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    return load_pipeline("mini", weights="trained-mini", dtype="fp32")
+
+
+def score(pipe, combinations, cfg_scale=7.0, seed=0):
+    video, _ = minimodel.generate(pipe, combinations, seed=seed, cfg_scale=cfg_scale)
+    return adherence_summary(adherence(video, list(combinations)))
+
+
+def test_tokenizer_covers_every_caption_without_unknown_words(pipe):
+    ids, mask = pipe.text_encoder.tokenize(minimodel.caption_corpus())
+    tokenizer = pipe.tokenizer
+    assert ids.shape[1] == pipe.transformer.config.model_max_length
+    assert not (ids == tokenizer.unk_token_id).any()
+    lengths = mask.sum(1)
+    assert (ids[torch.arange(len(ids)), lengths - 1] == tokenizer.eos_token_id).all()  # EOS closes each caption
+    assert lengths.max() < ids.shape[1]  # nothing truncated
+
+
+def test_committed_weights_load_strictly_and_record_how_they_were_made():
+    record = json.loads((minimodel.MINI_DIR / "training.json").read_text())
+    assert record["config"]["dit_steps"] > 0 and record["seconds"]["total"] > 0
+    with pytest.raises(ValueError, match="belong to the 'mini' preset"):
+        load_pipeline("tiny", weights="trained-mini")
+
+
+def test_a_mismatched_checkpoint_is_refused(tmp_path):
+    for component, folder in minimodel.component_dirs(tmp_path).items():
+        folder.mkdir(parents=True)
+        source = minimodel.MINI_DIR / component
+        for file in source.iterdir():
+            (folder / file.name).write_bytes(file.read_bytes())
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(tmp_path / "transformer" / "model.safetensors")
+    state.pop("final_layer.linear.bias")
+    save_file(state, tmp_path / "transformer" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing keys: final_layer.linear.bias"):
+        load_pipeline("mini", weights=str(tmp_path))
+
+
+def test_missing_weights_say_how_to_make_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="make mini-model"):
+        load_pipeline("mini", weights=str(tmp_path))
+
+
+def test_training_code_runs_end_to_end_and_its_output_loads(tmp_path):
+    config = minitrain.TrainConfig(clips_per_combination=1, spatial_steps=1, temporal_steps=1, dit_steps=2,
+                                   spatial_batch=2, temporal_batch=2, dit_batch=2)
+    record = minitrain.train(config, tmp_path)
+    assert set(record["losses"]) == {"spatial_vae", "temporal_vae", "transformer"}
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in record["losses"].values())
+    trained = load_pipeline("mini", weights=str(tmp_path), dtype="fp32")  # strict key checks
+    assert torch.equal(trained.vae.scale.flatten(), torch.tensor(record["latent_scale"]))
+    assert {r.metric for r in minitrain.training_records(record)} == {"training_seconds", "final_loss"}
+
+
+def test_training_timesteps_follow_upstreams_transform():
+    gen = torch.Generator().manual_seed(0)
+    t = minitrain.sample_timesteps(10_000, torch.tensor([1.0]), gen)
+    assert 0 < t.min() and t.max() < 1000 and abs(t.median().item() - 500) < 20  # logit-normal, centred
+    shifted = minitrain.sample_timesteps(10_000, torch.tensor([0.28]), torch.Generator().manual_seed(0))
+    assert shifted.median() < 300  # r < 1 moves training towards low noise, as sampling does
+    x0, noise = torch.ones(1, 1, 1, 1, 1), torch.zeros(1, 1, 1, 1, 1)
+    assert minitrain.noised(x0, noise, torch.tensor([250.0])).item() == pytest.approx(0.75)
+
+
+def test_trained_model_follows_prompts_and_controls_fail(pipe):
+    trained = score(pipe, TRAIN_CAPTIONS)
+    held_out = score(pipe, HELD_OUT_CAPTIONS)
+    unconditional = score(pipe, TRAIN_CAPTIONS, cfg_scale=0.0)
+    saved = minimodel.scramble_weights(pipe.transformer)
+    try:
+        scrambled = score(pipe, TRAIN_CAPTIONS)
+    finally:
+        minimodel.restore(pipe.transformer, saved)
+    assert trained["all_correct"] >= 0.7, trained
+    assert held_out["all_correct"] >= 0.3, held_out
+    assert unconditional["all_correct"] <= 0.3, unconditional
+    assert scrambled["all_correct"] <= 0.1, scrambled
+    assert score(pipe, TRAIN_CAPTIONS) == trained  # restored exactly
+
+
+def test_perturbation_is_undone_exactly():
+    model = torch.nn.Linear(8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = perturb_weights(model, 0.01)
+    change = (model.weight - before["weight"]).abs() / before["weight"].abs()
+    assert 0 < change.median() < 0.02
+    restore_weights(model, saved)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
