@@ -117,6 +117,9 @@ def fingerprint(device: str = "cpu") -> dict:
         "device": device_name(device),
         "cuda": torch.version.cuda if device.startswith("cuda") else None,
     }
+    if os.environ.get("ARM_QEMU_CPU"):  # set by tools/arm-python.sh: an emulated aarch64 CPU (qemu-user)
+        facts |= {"emulated": True, "qemu_cpu": os.environ["ARM_QEMU_CPU"],
+                  "arm_profile": os.environ.get("ARM_PROFILE")}
     facts["environment_id"] = environment_id(facts)
     facts["git"] = git_state()
     return facts
@@ -127,7 +130,10 @@ def environment_id(facts: dict) -> str:
     which each record carries itself)."""
     stable = {k: facts[k] for k in ("cpu_model", "arch", "isa_torch", "logical_cpus", "memory_bytes",
                                     "torch_build", "device")}
+    if facts.get("emulated"):  # never the id of the machine it imitates
+        stable["qemu_cpu"] = facts["qemu_cpu"]
     digest = hashlib.sha1(repr(sorted(stable.items())).encode()).hexdigest()[:8]
     name = facts["device"] if facts["device"] != "cpu" else facts["cpu_model"]
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:32]
-    return f"{facts['arch']}-{slug}-{facts['logical_cpus']}c-{digest}"
+    emulated = "qemu-" if facts.get("emulated") else ""
+    return f"{facts['arch']}-{emulated}{slug}-{facts['logical_cpus']}c-{digest}"
