@@ -16,11 +16,19 @@ EXECUTED  := $(patsubst notebooks/%,build/$(PROFILE)/%,$(NOTEBOOKS))
 MEASURING := $(addprefix utils/,aspect.py benchmark.py captions.py ceilings.py fingerprint.py flops.py \
     memory.py paths.py pipeline.py profiling.py results.py sampler.py stage_profile.py stages.py stdit3.py \
     text_encoder.py vae.py vae_temporal.py weights.py) notebooks/profiles.json
+# what the quality notebook depends on besides (the trained mini model and the metrics)
+QUALITY   := $(addprefix utils/,minimodel.py noise_floor.py quality.py synthetic.py) \
+    $(wildcard data/mini-model/*/model.safetensors)
+MINI_MODEL := notebooks/train_mini_model.ipynb
 # what the notebooks that only read records (90-99) depend on
 READING   := utils/cross_platform.py utils/results.py data/prices.csv $(wildcard data/results/*/*.json)
 SMOKE     := build/smoke
+# `make arm-check`: Graviton profiles emulated with qemu-user (tools/arm-python.sh); ARM_STORE=1 keeps the
+# records in data/results (by default they go to build/arm/results)
+ARM_PROFILES ?= g2 g3 g4
+ARM_STORE    ?=
 
-.PHONY: env test smoke report render lab tensorboard clean-env
+.PHONY: env test smoke report render mini-model lab tensorboard arm-check clean-env
 .NOTPARALLEL:
 
 env: $(STAMP)
@@ -46,16 +54,28 @@ smoke: env
 	    $(BIN)/python -m utils.notebooks $$nb $(SMOKE)/$$(basename $$nb) --profile tiny \
 	        --results $(SMOKE)/results --figures $(SMOKE)/figures --traces $(SMOKE)/traces || exit 1; \
 	done
+	$(BIN)/python -m utils.notebooks $(MINI_MODEL) $(SMOKE)/$(notdir $(MINI_MODEL)) --profile tiny \
+	    --results $(SMOKE)/results --figures $(SMOKE)/figures --traces $(SMOKE)/traces
 	$(BIN)/python -m utils.report --results $(SMOKE)/results --figures $(SMOKE)/figures --out $(SMOKE)/report
 
 # Notebooks run again only when they or what they depend on changed.
 build/$(PROFILE)/0%.ipynb: notebooks/0%.ipynb $(MEASURING) | env
 	$(BIN)/python -m utils.notebooks $< $@ --profile $(PROFILE)
 
+build/$(PROFILE)/03_quality_baseline.ipynb: $(QUALITY)
+build/$(PROFILE)/04_precision_threads_memory.ipynb: $(QUALITY) $(addprefix utils/,optimize.py tuning.py \
+    tuning_records.py onednn_probe.py)
+build/$(PROFILE)/05_attention.ipynb: $(addprefix utils/,optimize.py attention.py attention_bench.py rewrites.py)
+
 build/$(PROFILE)/9%.ipynb: notebooks/9%.ipynb $(READING) | env
 	$(BIN)/python -m utils.notebooks $< $@ --profile $(PROFILE)
 
 report: env $(EXECUTED) render
+
+# Train the quality testbed's mini model into data/mini-model (under an hour on 2 cores; the time of the
+# run that made the committed weights is in the report). Neither `make report` nor `make test` runs this.
+mini-model: env
+	$(BIN)/python -m utils.notebooks $(MINI_MODEL) build/$(PROFILE)/$(notdir $(MINI_MODEL)) --profile $(PROFILE)
 
 # The report from stored records alone (any machine, nothing measured).
 render: env
@@ -68,6 +88,17 @@ lab: env
 
 tensorboard: env
 	$(BIN)/tensorboard --logdir build/traces --host 127.0.0.1
+
+# The aarch64 functional check, each profile under emulation: the upstream-fixture parity tests, a tiny
+# generation, bf16, fp32 fast math, int8, KleidiAI int4 and SDPA against fp64, and which kernels ran.
+# Its own cache in .arm/ (no .venv); the first set-up needs root (apt-get, mmdebstrap). Emulated timings
+# are not performance.
+arm-check:
+	tools/arm-python.sh --setup
+	@failed=""; for profile in $(ARM_PROFILES); do \
+	    ARM_PROFILE=$$profile ARM_STORE=$(ARM_STORE) tools/arm-python.sh -m utils.arm_check || failed="$$failed $$profile"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "arm-check: failed on$$failed"; exit 1; fi; echo "arm-check: $(ARM_PROFILES) passed"
 
 clean-env:
 	rm -rf $(VENV)

@@ -1,18 +1,30 @@
 """Memory: a peak-RSS monitor for timed stages, and the preflight estimate that refuses settings
-which cannot fit before any heavy work starts."""
+which cannot fit before any heavy work starts. The preflight prefers measured footprints
+(``data/footprints.json``, written by notebook 04) and falls back to the analytic estimate."""
 from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import torch
 from torch import nn
 
+from .paths import DATA
+from .results import write_json_atomic
+
 GIB = 1024**3
+FOOTPRINTS = DATA / "footprints.json"  # measured peak RSS per setting (notebook 04_precision_threads_memory)
+# what makes two runs the same for memory: the setting, the precisions, the optimisations, the VAE chunking,
+# and whether the components are loaded all at once up front (load_pipeline's default) or each when its
+# stage comes (lazy_load: OpenSoraPipeline.__call__ on a pipeline built with load=())
+FOOTPRINT_KEY = ("model", "resolution", "aspect_ratio", "frames", "dtype", "text_encoder_dtype", "free_text_encoder",
+                 "lazy_load", "optimizations", "micro_batch_size", "micro_frame_size")
 
 
 class PeakRSS:
@@ -43,7 +55,7 @@ class PeakRSS:
 
 def module_bytes(module: nn.Module, dtype: torch.dtype) -> int:
     """Bytes of parameters and buffers once materialised in ``dtype`` (works on the meta device)."""
-    element = torch.finfo(dtype).bits // 8
+    element = dtype.itemsize
     tensors = list(module.parameters()) + list(module.buffers())
     return sum(t.numel() for t in tensors) * element
 
@@ -89,13 +101,64 @@ class InsufficientMemoryError(MemoryError):
     pass
 
 
-def check_fits(needed: int, what: str, advice: str, device: str = "cpu") -> None:
-    """Raise ``InsufficientMemoryError`` when ``needed`` bytes exceed the memory available now on ``device``."""
+def check_fits(needed: int, what: str, advice: str, device: str = "cpu", source: str | None = None) -> None:
+    """Raise ``InsufficientMemoryError`` when ``needed`` bytes exceed the memory available now on ``device``;
+    ``source`` says where ``needed`` came from (a measured footprint or the analytic estimate)."""
     available = available_bytes(device)
     if needed > available:
         raise InsufficientMemoryError(
-            f"{what} needs about {needed / GIB:.1f} GiB but {available / GIB:.1f} GiB is available. {advice}"
+            f"{what} needs about {needed / GIB:.1f} GiB{f' ({source})' if source else ''} but "
+            f"{available / GIB:.1f} GiB is available. {advice}"
         )
+
+
+# ---- measured footprints ------------------------------------------------------------------------------
+
+def footprint_key(**fields) -> dict:
+    """The identity of a measured footprint: exactly the ``FOOTPRINT_KEY`` fields (``optimizations`` a
+    string such as "int8_weight_only(component=text_encoder)", "" for none)."""
+    missing, unknown = set(FOOTPRINT_KEY) - set(fields), set(fields) - set(FOOTPRINT_KEY)
+    if missing or unknown:
+        raise ValueError(f"a footprint key needs exactly {', '.join(FOOTPRINT_KEY)}; "
+                         f"missing {sorted(missing)}, unknown {sorted(unknown)}")
+    return {name: fields[name] for name in FOOTPRINT_KEY}
+
+
+def load_footprints(path: Path | str = FOOTPRINTS) -> list[dict]:
+    """The entries of the footprint table (none when the file does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return json.loads(path.read_text())["entries"]
+
+
+def measured_footprint(key: dict, path: Path | str = FOOTPRINTS, environment_id: str | None = None,
+                       arch: str | None = None) -> dict | None:
+    """The entry measured with ``key`` (this environment's if there is one, else the same architecture's,
+    else any; among several, the largest peak, to stay on the safe side), or None."""
+    matches = [e for e in load_footprints(path) if e["key"] == key]
+    for narrowed in ([e for e in matches if e.get("environment_id") == environment_id],
+                     [e for e in matches if arch is not None and e.get("arch") == arch], matches):
+        if narrowed:
+            return max(narrowed, key=lambda e: e["peak_rss_bytes"])
+    return None
+
+
+def store_footprints(entries: list[dict], path: Path | str = FOOTPRINTS) -> None:
+    """Add ``entries`` to the table, replacing those with the same environment and key; written whole
+    (beside the file, then renamed), so an interrupted run leaves the old table."""
+    path = Path(path)
+    identity = lambda e: (e["environment_id"], json.dumps(e["key"], sort_keys=True))  # noqa: E731
+    kept = {identity(e): e for e in load_footprints(path)}
+    for entry in entries:
+        footprint_key(**entry["key"])  # validates the key
+        kept[identity(entry)] = entry
+    doc = (f"Measured peak resident memory of whole pipeline runs (notebook 04_precision_threads_memory); "
+           f"utils.pipeline's memory preflight reads it (keys: {', '.join(FOOTPRINT_KEY)}) and falls back to "
+           f"the analytic estimate for settings not in it.")
+    payload = {"_doc": doc, "entries": sorted(kept.values(), key=lambda e: (e["environment_id"],
+                                                                             json.dumps(e["key"], sort_keys=True)))}
+    write_json_atomic(path, payload)
 
 
 def timed(fn, *args, device: str = "cpu", **kwargs):

@@ -7,15 +7,17 @@ the one tuple of stage names used by profiler labels, result records and plots.
 from __future__ import annotations
 
 import json
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.profiler import record_function
 
-from . import aspect
-from .memory import GIB, InsufficientMemoryError, check_fits, denoiser_activation_bytes, module_bytes, \
-    return_freed_memory, timed, vae_decode_activation_bytes
+from . import aspect, memory
+from .fingerprint import fingerprint
+from .memory import GIB, InsufficientMemoryError, check_fits, denoiser_activation_bytes, footprint_key, \
+    measured_footprint, module_bytes, return_freed_memory, timed, vae_decode_activation_bytes
 from .sampler import make_scheduler, rflow_sample
 from .stdit3 import STDIT3_PRESETS, build_stdit3, config_from_dict
 from .text_encoder import T5TextEncoder, append_score_to_prompts, build_t5_encoder, load_tokenizer, \
@@ -30,7 +32,10 @@ PIPELINE_PRESETS = {
     "opensora-v1.2": dict(transformer="STDiT3-XL/2", vae="OpenSoraVAE_V1_2", text_encoder="t5-v1_1-xxl"),
     # the upstream fixture sizes: runs in seconds, for tests and smoke runs
     "tiny": dict(transformer="tiny", vae="tiny", text_encoder="tiny"),
+    # the quality testbed (utils.minimodel): weights="trained-mini" loads the model trained here
+    "mini": dict(transformer="mini", vae="mini", text_encoder="mini"),
 }
+TRAINED_MINI = "trained-mini"  # the weights of the "mini" preset trained here, in data/mini-model/
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 AESTHETIC_SCORE = 6.5  # upstream appends " aesthetic score: 6.5." to every prompt
 
@@ -102,6 +107,10 @@ class OpenSoraPipeline:
         self.folders = folders  # per component, when loaded from the official files
         self.seed = seed
         self.device = device  # where loaded components live: "cpu" or "cuda[:n]"
+        self.optimizations: dict[str, dict] = {}  # name -> options of each applied utils.optimize step
+        # fn(pipe, component) run after a component gets weights / after it is released (utils.optimize)
+        self.load_hooks: list = []
+        self.release_hooks: list = []
 
     @property
     def weights(self) -> str:
@@ -125,10 +134,14 @@ class OpenSoraPipeline:
             load_component(module, component, self.folders[component], device=self.device)
         else:
             materialize_random(module, self.dtypes[component], seed=self.seed, device=self.device)
+        for hook in self.load_hooks:
+            hook(self, component)
 
     def release(self, component: str) -> None:
         """Free ``component``'s memory; its shapes stay (meta device) and ``load`` brings it back."""
         self._module(component).to("meta")
+        for hook in self.release_hooks:
+            hook(self, component)
         return_freed_memory()
 
     def _require(self, component: str, stage: str) -> None:
@@ -207,13 +220,22 @@ class OpenSoraPipeline:
 # building
 # ---------------------------------------------------------------------------------------------
 def estimate_peak_bytes(transformer, vae, text_encoder_model, setting: VideoSetting, dtype, text_encoder_dtype,
-                        batch: int = 1, free_text_encoder: bool = False) -> dict[str, int]:
-    """Resident weights plus the largest stage's working set, from modules still on the meta device."""
+                        batch: int = 1, free_text_encoder: bool = False, preset: str | None = None,
+                        lazy_load: bool = False, optimizations: str = "", weight_bytes: dict[str, int] | None = None,
+                        footprints=None) -> dict:
+    """Peak resident bytes of a whole run (``peak``) and where the figure comes from (``source``).
+
+    With ``preset`` given, a peak measured at the same setting, precisions, optimisations and VAE chunking
+    (``footprints``, default ``memory.FOOTPRINTS``; see ``memory.measured_footprint``) is used; otherwise
+    the analytic estimate from modules still on the meta device: resident weights plus the largest stage's
+    working set, all models loaded up front or, with ``lazy_load``, each when its stage comes
+    (``weight_bytes`` overrides a component's weights, e.g. an int8 one). ``analytic_peak`` is always there.
+    """
     weights = {
         "transformer": module_bytes(transformer, dtype),
         "vae": module_bytes(vae, dtype),
         "text_encoder": module_bytes(text_encoder_model, text_encoder_dtype),
-    }
+    } | (weight_bytes or {})
     frames, h, w = vae.get_latent_size([setting.num_frames, setting.height, setting.width])
     pt, ph, pw = transformer.config.patch_size
     tokens = -(-frames // pt) * -(-h // ph) * -(-w // pw)
@@ -224,8 +246,26 @@ def estimate_peak_bytes(transformer, vae, text_encoder_model, setting: VideoSett
                                          dtype)
     resident_after_encoding = weights["transformer"] + weights["vae"] + (
         0 if free_text_encoder else weights["text_encoder"])
-    return dict(weights, denoise=resident_after_encoding + denoise, decode=resident_after_encoding + decode,
-                peak=max(sum(weights.values()), resident_after_encoding + max(denoise, decode)))
+    # loaded lazily, T5 is alone in memory while it encodes; otherwise all three models are there from the start
+    first = weights["text_encoder"] if lazy_load else sum(weights.values())
+    analytic = max(first, resident_after_encoding + max(denoise, decode))
+    estimate = dict(weights, denoise=resident_after_encoding + denoise, decode=resident_after_encoding + decode,
+                    analytic_peak=analytic, peak=analytic, source="analytic estimate")
+    if preset is not None:
+        names = {v: k for k, v in DTYPES.items()}
+        key = footprint_key(model=preset, resolution=setting.resolution, aspect_ratio=setting.aspect_ratio,
+                            frames=setting.num_frames, dtype=names[dtype], text_encoder_dtype=names[text_encoder_dtype],
+                            free_text_encoder=free_text_encoder, lazy_load=lazy_load, optimizations=optimizations,
+                            micro_batch_size=vae.micro_batch_size, micro_frame_size=vae.micro_frame_size)
+        footprints = memory.FOOTPRINTS if footprints is None else footprints
+        entry = measured_footprint(key, footprints, environment_id=fingerprint()["environment_id"],
+                                   arch=platform.machine())
+        estimate["key"] = key
+        if entry is not None:
+            estimate.update(peak=entry["peak_rss_bytes"],
+                            source=f"measured peak RSS from {Path(footprints).name}, environment "
+                                   f"{entry['environment_id']}, {entry.get('time', 'undated')}")
+    return estimate
 
 
 def load_pipeline(preset: str = "opensora-v1.2", weights: str = "random", dtype: str = "bf16",
@@ -236,7 +276,8 @@ def load_pipeline(preset: str = "opensora-v1.2", weights: str = "random", dtype:
     """Build the pipeline: every module on the meta device first, a memory preflight for ``setting``,
     then one materialisation in the target dtype of the components in ``load``, random
     (``weights="random"``) or from the official files (a folder, or ``"hub"`` for the Hugging Face
-    cache). Components left out of ``load`` stay on the meta device until ``pipe.load(name)``.
+    cache); the "mini" preset takes ``weights="trained-mini"`` (the testbed model trained here) or the
+    folder a training run wrote (``<folder>/<component>/model.safetensors``). Components left out of ``load`` stay on the meta device until ``pipe.load(name)``.
     ``device`` is where loaded components live ("cpu", or "cuda" for the GPU comparison)."""
     if preset not in PIPELINE_PRESETS:
         raise ValueError(f"unknown pipeline preset {preset!r}; accepted: {', '.join(PIPELINE_PRESETS)}")
@@ -247,7 +288,13 @@ def load_pipeline(preset: str = "opensora-v1.2", weights: str = "random", dtype:
     torch_dtype = parse_dtype(dtype)
     te_dtype = parse_dtype(text_encoder_dtype or dtype)
     folders = {}
-    if weights != "random":
+    if weights == TRAINED_MINI and preset != "mini":
+        raise ValueError(f"weights={TRAINED_MINI!r} belong to the 'mini' preset, not {preset!r}")
+    if preset == "mini" and weights != "random":
+        from .minimodel import MINI_DIR, require_weights
+
+        folders = require_weights(MINI_DIR if weights == TRAINED_MINI else weights)  # <root>/<component>/
+    elif weights != "random":
         root = None if weights == "hub" else weights
         if root is not None and not Path(root).is_dir():
             raise CheckpointError(f"weights folder {root} does not exist; pass a folder, 'hub' or 'random'")
@@ -271,7 +318,8 @@ def load_pipeline(preset: str = "opensora-v1.2", weights: str = "random", dtype:
 
     if setting is not None:
         estimate = estimate_peak_bytes(transformer, vae, t5, setting, torch_dtype, te_dtype,
-                                       free_text_encoder=free_text_encoder)
+                                       free_text_encoder=free_text_encoder, preset=preset,
+                                       lazy_load=set(load) != set(COMPONENTS))
         advice = [option for option, applies in (
             ("bf16 weights (--dtype bf16)", torch_dtype == torch.float32),
             ("a bf16 text encoder (--text-encoder-dtype bf16)", te_dtype == torch.float32),
@@ -280,8 +328,14 @@ def load_pipeline(preset: str = "opensora-v1.2", weights: str = "random", dtype:
         check_fits(estimate["peak"], f"{preset} ({dtype}, text encoder {text_encoder_dtype or dtype}) at "
                    f"{setting.resolution} {setting.aspect_ratio} {setting.num_frames} frames",
                    f"Try {', or '.join(advice)}. Weights: "
-                   + ", ".join(f"{k} {estimate[k] / GIB:.1f} GiB" for k in COMPONENTS), device=device)
+                   + ", ".join(f"{k} {estimate[k] / GIB:.1f} GiB" for k in COMPONENTS), device=device,
+                   source=estimate["source"])
 
+    if tokenizer_path is None and preset == "mini":
+        from .minimodel import MINI_DIR
+
+        # its own vocabulary, whatever the weights
+        tokenizer_path = folders.get("text_encoder", MINI_DIR / "text_encoder")
     tokenizer = load_tokenizer(tokenizer_path or (str(folders["text_encoder"]) if folders else None))
     text_encoder = T5TextEncoder(tokenizer, t5, model_max_length=transformer.config.model_max_length)
     dtypes = {"text_encoder": te_dtype, "transformer": torch_dtype, "vae": torch_dtype}

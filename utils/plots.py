@@ -28,6 +28,7 @@ COLUMNS = ("environment_id", "notebook", "variant", "stage", "metric", "unit", "
            "run_id", "git_commit", "git_dirty", "config.model", "config.weights", "config.resolution",
            "config.aspect_ratio", "config.frames", "config.steps", "config.dtype", "config.threads",
            "config.text_encoder_dtype", "config.shape", "config.mkn", "config.tokens", "config.pixels",
+           "config.split",
            "spread.n", "spread.iqr")
 
 
@@ -343,6 +344,57 @@ def cross_platform(totals: pd.DataFrame, projection: pd.DataFrame, path) -> Path
     return _save(figure, path)
 
 
+def quality_examples(video, captions: list[str], held_out: list[bool], path, frames=(0, 4, 8, 12, 16)) -> Path:
+    """One row per caption: the given frames of a generated clip ``video`` [n, 3, F, H, W] in [-1, 1]."""
+    figure = Figure(figsize=(1.3 * len(frames) + 0.2, 1.45 * len(captions) + 0.5), layout="constrained")
+    axes = figure.subplots(len(captions), len(frames), squeeze=False)
+    images = ((video.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).numpy()  # n F H W 3 in [0, 1]
+    for row, (caption, unseen) in enumerate(zip(captions, held_out)):
+        for col, frame in enumerate(frames):
+            ax = axes[row][col]
+            ax.imshow(images[row, frame], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(f"frame {frame}", fontsize=8)
+        axes[row][0].set_ylabel(caption.removeprefix("a ") + ("\n(held out)" if unseen else ""), fontsize=7)
+    figure.suptitle("Mini model trained here (fp32): generated clips per caption", fontsize=9)
+    return _save(figure, path)
+
+
+ADHERENCE_METRICS = ("adherence_shape", "adherence_colour", "adherence_motion", "adherence_all_correct")
+
+
+def adherence(df: pd.DataFrame, path, environment: dict | None = None) -> Path | None:
+    """Measured prompt adherence per attribute of the detector checks, the trained mini model (fp32,
+    training and held-out combinations) and the controls that must fail, with chance levels."""
+    df = one_environment(df)
+    rows = select(df, notebook="03_quality_baseline", stage="adherence", metric=list(ADHERENCE_METRICS))
+    if rows.empty:
+        return None
+    rows = rows.assign(group=rows["variant"] + "\n" + rows["config.split"].fillna(""))
+    rows = rows.drop_duplicates(["group", "metric"], keep="last")
+    table = rows.pivot(index="group", columns="metric", values="value").reindex(columns=list(ADHERENCE_METRICS))
+    table = table.loc[list(dict.fromkeys(rows["group"]))]  # in the order the notebook stored them
+    figure, (ax,) = _figure(max(7.0, 1.1 * len(table)), 3.8)
+    width = 0.8 / len(ADHERENCE_METRICS)
+    for i, metric in enumerate(ADHERENCE_METRICS):
+        positions = [x + (i - 1.5) * width for x in range(len(table))]
+        ax.bar(positions, table[metric], width, label=metric.removeprefix("adherence_").replace("_", " "))
+    for level in (1 / 3, 1 / 5, 1 / 75):  # chance: shape, colour and motion, all correct
+        ax.axhline(level, linestyle=":", linewidth=0.8, color="grey")
+    ax.text(len(table) - 0.5, 1 / 3, "chance: shape 1/3, colour and motion 1/5, all 1/75", fontsize=7,
+            ha="right", va="bottom", color="grey")
+    ax.set_xticks(range(len(table)))
+    ax.set_xticklabels(table.index, fontsize=7)
+    ax.set(ylim=(0, 1.05), ylabel="fraction of clips correct")
+    ax.legend(fontsize=7, ncols=4, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(f"Prompt adherence (measured): detector checks, mini model trained here, controls\n"
+                 f"{context_label(rows, environment)}", fontsize=10)
+    return _save(figure, path)
+
+
 FIGURES = {
     "ceilings": (ceilings, "GEMM rate per dtype and thread count (measured) with the per-dtype ceiling (derived)"),
     "baseline_stage_times": (stage_times, "baseline seconds per video by stage, derived from measured stage times"),
@@ -350,4 +402,316 @@ FIGURES = {
     "block_breakdown": (block_breakdown, "denoiser ms per step by module group (measured under the profiler)"),
     "roofline": (roofline, "achieved GFLOP/s per stage (derived) against the GEMM ceilings (derived)"),
     "scaling": (scaling, "block-pair seconds vs tokens and spatial-frame decode seconds vs pixels (measured)"),
+    "quality_adherence": (adherence, "prompt adherence per attribute of the trained mini model and controls (measured)"),
 }
+
+
+# ---- notebook 04: precision, threads, memory ---------------------------------------------------------
+
+TUNING_NOTEBOOK = "04_precision_threads_memory"
+PRECISION_ORDER = ("fp32", "fast_math", "upstream", "autocast", "bf16", "int8_t5")
+
+
+def tuning_rows(df: pd.DataFrame, experiment: str, **criteria) -> pd.DataFrame:
+    """Notebook 04's records of one ``experiment`` (config.experiment), with its config columns present."""
+    df = one_environment(df)
+    for column in ("config.experiment", "config.env_setting", "config.memory_config", "config.optimizations",
+                   "config.env"):
+        if column not in df.columns:
+            df[column] = None
+    return select(df, notebook=TUNING_NOTEBOOK, **{"config.experiment": experiment}, **criteria)
+
+
+def _ordered(names, order=PRECISION_ORDER) -> list:
+    names = list(dict.fromkeys(names))
+    return [n for n in order if n in names] + [n for n in names if n not in order]
+
+
+def precision_times(df: pd.DataFrame, path, environment: dict | None = None) -> Path | None:
+    """Seconds per video of each stage per precision variant (derived from measured stage medians)."""
+    rows = tuning_rows(df, "precision", metric="video_seconds", stage=["encode_prompt", "denoise", "decode"])
+    rows = rows.drop_duplicates(["variant", "stage"], keep="last")
+    if rows.empty:
+        return None
+    variants = _ordered(rows["variant"])
+    stages = [s for s in STAGES if s in set(rows["stage"])]
+    figure, (ax,) = _figure(8.0, 1.2 + 0.35 * len(variants) * len(stages))
+    height = 0.8 / len(variants)
+    for i, variant in enumerate(variants):
+        values = select(rows, variant=variant).set_index("stage")["value"].reindex(stages)
+        positions = [s + (len(variants) / 2 - i - 0.5) * height for s in range(len(stages))]
+        ax.barh(positions, values, height, label=variant)
+        for y, seconds in zip(positions, values):
+            if not pd.isna(seconds):
+                ax.annotate(f"{_short(seconds)} s", (seconds, y), xytext=(3, 0), textcoords="offset points",
+                            va="center", fontsize=7)
+    ax.set_yticks(range(len(stages)), stages)
+    ax.invert_yaxis()
+    positive = rows["value"][rows["value"] > 0]
+    if len(positive) and positive.max() / positive.min() > 100:
+        ax.set_xscale("log")
+    ax.set_xlabel("seconds per video (derived: denoise = steps x one measured step)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(f"Time per stage by precision\n{setting_label(rows)}\n{context_label(rows, environment)}",
+                 fontsize=10)
+    return _save(figure, path)
+
+
+def thread_scaling(df: pd.DataFrame, path, environment: dict | None = None) -> Path | None:
+    """Left: each stage's speed-up against its fewest-thread time (measured medians); right: each start-up
+    setting's speed-up against the default start-up (derived), per stage."""
+    timings = tuning_rows(df, "threads", metric=["seconds", "seconds_per_step"],
+                          stage=["encode_prompt", "denoise", "decode"])
+    timings = timings.drop_duplicates(["stage", "config.threads"], keep="last")
+    settings = tuning_rows(df, "startup_env", metric="speedup_vs_default").drop_duplicates(
+        ["variant", "stage"], keep="last")
+    panels = [p for p, rows in (("threads", timings), ("settings", settings)) if not rows.empty]
+    if not panels:
+        return None
+    figure, axes = _figure(5.0 * len(panels), 3.8, len(panels))
+    for ax, panel in zip(axes, panels):
+        if panel == "threads":
+            for stage in [s for s in STAGES if s in set(timings["stage"])]:
+                rows = select(timings, stage=stage).sort_values("config.threads")
+                threads = rows["config.threads"].astype(float)
+                ax.plot(threads, rows["value"].iloc[0] / rows["value"], marker="o", label=stage)
+            counts = sorted(set(timings["config.threads"].astype(float)))
+            ax.plot(counts, [c / counts[0] for c in counts], "k:", label="linear")
+            ax.set(xlabel="threads", ylabel=f"speed-up over {int(counts[0])} thread(s) (measured medians)",
+                   title=f"Thread scaling, {select(timings, stage=timings['stage'].iloc[-1])['config.dtype'].iloc[-1]}")
+            ax.set_xticks(counts)
+        else:
+            names = list(dict.fromkeys(settings["variant"]))
+            stages = [s for s in STAGES if s in set(settings["stage"])]
+            width = 0.8 / len(stages)
+            for i, stage in enumerate(stages):
+                values = select(settings, stage=stage).set_index("variant")["value"].reindex(names)
+                ax.bar([x + (i - (len(stages) - 1) / 2) * width for x in range(len(names))], values, width,
+                       label=stage)
+            ax.axhline(1.0, color="k", linewidth=0.8)
+            ax.set_xticks(range(len(names)), names, rotation=20, fontsize=7)
+            ax.set(ylabel="speed-up over the default start-up (derived)", title="Start-up settings, each in a fresh process")
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    used = pd.concat([timings, settings])
+    figure.suptitle(f"Threads and start-up settings\n{setting_label(used)}\n{context_label(used, environment)}",
+                    fontsize=10)
+    return _save(figure, path)
+
+
+def memory_waterfall(df: pd.DataFrame, path, environment: dict | None = None) -> Path | None:
+    """Resident memory through a whole run, event by event, per memory configuration (measured peak RSS;
+    after freeing T5: the resident set), with the usable memory of c7g instances (derived)."""
+    from .tuning_records import WATERFALL, instance_table
+
+    rows = tuning_rows(df, "memory").drop_duplicates(["variant", "stage", "metric"], keep="last")
+    measured = rows[rows["metric"].isin([m for _, _, m, _ in WATERFALL])]
+    if measured.empty:
+        return None
+    refused = select(rows, metric="refused_estimate_bytes")
+    figure, (ax,) = _figure(9.0, 4.6)
+    configs = list(dict.fromkeys(measured["variant"]))
+    for config in configs:
+        ours = select(measured, variant=config)
+        points = [(i, value_of(ours, stage=stage, metric=metric)) for i, (_, stage, metric, _) in enumerate(WATERFALL)]
+        points = [(i, v / 2**30) for i, v in points if v is not None]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=config)
+    top = measured["value"].max() / 2**30
+    for _, instance in select(instance_table(("c7g",)), family="c7g").iterrows():
+        if instance["usable_gib"] <= top * 1.3:
+            ax.axhline(instance["usable_gib"], color="grey", linestyle=":", linewidth=0.8)
+            ax.annotate(f"{instance['instance']} usable", (len(WATERFALL) - 0.5, instance["usable_gib"]), fontsize=6,
+                        color="grey", ha="right", va="bottom")
+    ax.set_xticks(range(len(WATERFALL)), [label for *_, label in WATERFALL], rotation=20, fontsize=8)
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("GiB resident (measured peak during each event)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(alpha=0.3)
+    note = ("\nnot run (preflight refused): " + ", ".join(refused["variant"])) if not refused.empty else ""
+    ax.set_title(f"Memory through a whole run, per configuration{note}\n{setting_label(measured)}\n"
+                 f"{context_label(measured, environment)}", fontsize=10)
+    return _save(figure, path)
+
+
+FIGURES.update({
+    "precision_times": (precision_times, "seconds per video per stage and precision, derived from measured stage times"),
+    "thread_scaling": (thread_scaling, "speed-up per stage with threads (measured) and with start-up settings (derived)"),
+    "memory_waterfall": (memory_waterfall, "resident memory through a whole run per configuration (measured)"),
+})
+
+
+# ---- notebook 05: attention kernels and the rewrites of the bottlenecks -----------------------------------
+
+ATTENTION_KINDS = ("spatial", "temporal", "cross")
+MEMORY_BUDGETS_GIB = (24, 128)  # the machines the reference path is checked against (the study's question)
+
+
+def _config(rows: pd.DataFrame, name: str) -> pd.Series:
+    return rows[name] if name in rows.columns else pd.Series(None, index=rows.index, dtype=object)
+
+
+def attention_kernels(df: pd.DataFrame, path, environment: dict | None = None) -> Path | None:
+    """Seconds per query token of each attention kernel against the sequence length (spatial: tokens per
+    frame, temporal: frames; cross: queries per sample against the caption), per attention type and dtype;
+    hollow markers are derived from a part of the call; dotted lines mark where SDPA and the batched
+    matmul swap places."""
+    rows = select(one_environment(df), notebook="05_attention", stage="attention", metric="seconds")
+    if rows.empty or "config.shape" not in rows.columns:
+        return None
+    shape = rows["config.shape"]
+    rows = rows.assign(attention=_config(rows, "config.attention"), batch=[s[0] for s in shape],
+                       q_len=[s[2] for s in shape], k_len=[s[3] for s in shape])
+    rows = rows.assign(x=rows["q_len"].where(rows["attention"] == "cross", rows["k_len"]),
+                       us_per_token=rows["value"] / (rows["batch"] * rows["q_len"]) * 1e6)
+    kinds = [k for k in ATTENTION_KINDS if k in set(rows["attention"])]
+    dtypes = [d for d in ("fp32", "bf16") if d in set(rows["config.dtype"])]
+    figure = Figure(figsize=(5.0 * len(dtypes), 3.4 * len(kinds)), layout="constrained")
+    axes = figure.subplots(len(kinds), len(dtypes), squeeze=False)
+    for i, kind in enumerate(kinds):
+        for j, dtype in enumerate(dtypes):
+            ax = axes[i][j]
+            chosen = rows[(rows["attention"] == kind) & (rows["config.dtype"] == dtype)]
+            curves = {}
+            for variant, group in chosen.groupby("variant", sort=True):
+                curve = group.groupby("x").agg(y=("us_per_token", "median"),
+                                               derived=("kind", lambda k: (k == "derived").any())).sort_index()
+                curves[variant] = curve["y"]
+                line = ax.plot(curve.index, curve["y"], label=variant, linewidth=1.2)[0]
+                for measured, style in ((False, dict(facecolors=line.get_color())), (True, dict(facecolors="none"))):
+                    points = curve[curve["derived"] == measured]
+                    ax.scatter(points.index, points["y"], s=16, edgecolors=line.get_color(), **style)
+            if "sdpa" in curves and "bmm" in curves:
+                both = pd.concat([curves["sdpa"], curves["bmm"]], axis=1, keys=["sdpa", "bmm"]).dropna()
+                faster = (both["bmm"] < both["sdpa"]).tolist()
+                for k in range(1, len(faster)):
+                    if faster[k] != faster[k - 1]:
+                        at = (both.index[k - 1] * both.index[k]) ** 0.5
+                        ax.axvline(at, color="k", linestyle=":", linewidth=1)
+                        ax.annotate("sdpa/bmm crossover", (at, ax.get_ylim()[1]), fontsize=7, rotation=90,
+                                    va="top", ha="right")
+            ax.set(xscale="log", yscale="log", title=f"{kind}, {dtype}", ylabel="µs per query token",
+                   xlabel="queries per sample (keys: caption)" if kind == "cross" else
+                   ("tokens per frame" if kind == "spatial" else "latent frames"))
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_major_formatter(ScalarFormatter())
+                axis.set_minor_formatter(NullFormatter())
+            ax.title.set_fontsize(9)
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=6)
+    figure.suptitle("Attention kernels at the model's shapes (filled: measured, hollow: derived from a part)\n"
+                    f"{context_label(rows, environment)}", fontsize=10)
+    return _save(figure, path)
+
+
+def attention_memory(df: pd.DataFrame, path, environment: dict | None = None) -> Path | None:
+    """Peak of a denoising step with the reference attention (derived) against tokens per sample, one
+    line per frame count, per attention type (columns) and dtype (rows); grey: the same step with SDPA;
+    dotted: the machines; circles: the first setting past each machine."""
+    df = one_environment(df)
+    rows = select(df, notebook="05_attention", metric="step_peak_bytes", variant=["reference", "sdpa"])
+    if rows.empty:
+        return None
+    rows = rows.assign(attention=_config(rows, "config.attention"), gib=rows["value"] / 2**30)
+    budgets = next((b for b in _config(rows, "config.budgets")[::-1] if isinstance(b, list)), MEMORY_BUDGETS_GIB)
+    kinds = [k for k in ATTENTION_KINDS if k in set(rows["attention"])]
+    dtypes = [d for d in ("fp32", "bf16") if d in set(rows["config.dtype"])]
+    frame_counts = sorted({int(f) for f in rows["config.frames"].dropna()})
+    colors = {f: plt_color for f, plt_color in zip(frame_counts, ("tab:red", "tab:orange", "tab:purple", "tab:brown",
+                                                                     "tab:pink", "tab:olive"))}
+    figure = Figure(figsize=(4.6 * len(kinds), 3.6 * len(dtypes)), layout="constrained")
+    axes = figure.subplots(len(dtypes), len(kinds), squeeze=False)
+    for i, dtype in enumerate(dtypes):
+        for j, kind in enumerate(kinds):
+            ax = axes[i][j]
+            chosen = rows[(rows["attention"] == kind) & (rows["config.dtype"] == dtype)]
+            for frames, group in chosen.groupby("config.frames"):
+                for variant, style in (("reference", dict(marker="o", markersize=3)), ("sdpa", dict(linewidth=0.8))):
+                    curve = group[group["variant"] == variant].sort_values("config.tokens")
+                    ax.plot(curve["config.tokens"], curve["gib"], color=colors.get(int(frames), "k") if
+                            variant == "reference" else "tab:gray", label=(f"reference, {int(frames)} frames"
+                            if variant == "reference" else ("with SDPA" if frames == frame_counts[0] else None)),
+                            **style)
+            reference = chosen[chosen["variant"] == "reference"]
+            for budget in budgets:
+                ax.axhline(budget, color="grey", linestyle=":", linewidth=1)
+                ax.text(0.01, budget, f"{budget} GiB machine", transform=ax.get_yaxis_transform(), fontsize=7,
+                        va="bottom", color="grey")
+                over = reference[reference["gib"] > budget].sort_values("gib")
+                if len(over):
+                    ax.scatter(over["config.tokens"].iloc[:1], over["gib"].iloc[:1], s=70, facecolors="none",
+                               edgecolors="k", zorder=3)
+            ax.set(xscale="log", yscale="log", title=f"{kind}, {dtype}", xlabel="tokens per sample (T x S)",
+                   ylabel="step peak, GiB (derived)")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.title.set_fontsize(9)
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=6, loc="lower right")
+    figure.suptitle("Memory of a denoising step with the reference attention (weights + block working set + "
+                    "score matrix, analytic);\ncircles: first setting past each machine. "
+                    f"{context_label(rows, environment)}", fontsize=10)
+    return _save(figure, path)
+
+
+def rewrite_effects(df: pd.DataFrame, path, environment: dict | None = None) -> Path | None:
+    """Left: each rewrite alone on one block pair, seconds after / before (measured side by side).
+    Right: baseline and rewritten seconds of one denoising step (measured), the decode and a whole
+    video (derived), per dtype, with the ratio."""
+    df = one_environment(df)
+    pairs = select(df, notebook="05_attention", stage="denoise", metric="block_pair_seconds")
+    if pairs.empty:
+        return None
+    videos = select(df, notebook="05_attention", metric=["seconds_per_step", "video_seconds"])
+    figure, (left, right) = _figure(12.0, 4.0, 2)
+    dtypes = [d for d in ("fp32", "bf16") if d in set(pairs["config.dtype"])]
+    names = [v for v in dict.fromkeys(pairs["variant"]) if v != "baseline"]
+    width = 0.8 / max(len(dtypes), 1)
+    for i, dtype in enumerate(dtypes):
+        mine = pairs[pairs["config.dtype"] == dtype].drop_duplicates("variant", keep="last")
+        mine = mine.set_index("variant")["value"]
+        ratios = [mine.get(n) / mine.get("baseline") if n in mine and "baseline" in mine else float("nan")
+                  for n in names]
+        positions = [k + (i - (len(dtypes) - 1) / 2) * width for k in range(len(names))]
+        bars = left.bar(positions, ratios, width, label=dtype)
+        for bar, ratio in zip(bars, ratios):
+            left.annotate(f"{ratio:.2f}", (bar.get_x() + bar.get_width() / 2, ratio), xytext=(0, 2),
+                          textcoords="offset points", ha="center", fontsize=7)
+    left.axhline(1.0, color="k", linewidth=0.8)
+    left.set_xticks(range(len(names)), names, fontsize=7, rotation=20)
+    left.set(ylabel="block-pair seconds, rewritten / baseline", title="Each rewrite alone (one block pair, measured)")
+    left.legend(fontsize=7)
+    labels, positions = [], []
+    for i, dtype in enumerate(dtypes):
+        for j, (stage, metric, what) in enumerate((("denoise", "seconds_per_step", "step"),
+                                                   ("decode", "video_seconds", "decode*"),
+                                                   ("total", "video_seconds", "video*"))):
+            x = i * 4 + j
+            values = [value_of(videos, stage=stage, metric=metric, variant=v, **{"config.dtype": dtype})
+                      for v in ("baseline", "rewritten")]
+            for offset, value, color in ((-0.2, values[0], "tab:gray"), (0.2, values[1], "tab:green")):
+                if value is not None:
+                    right.bar(x + offset, value, 0.4, color=color)
+            if None not in values:
+                right.annotate(f"x{values[1] / values[0]:.2f}", (x, max(values)), xytext=(0, 2),
+                               textcoords="offset points", ha="center", fontsize=7)
+            labels.append(f"{dtype}\n{what}")
+            positions.append(x)
+    right.set_xticks(positions, labels, fontsize=7)
+    right.set_yscale("log")
+    right.set(ylabel="seconds", title="All rewrites: baseline (grey), rewritten (green)\n"
+                                      "one step measured; * derived per video")
+    figure.suptitle(f"Rewrites of the bottlenecks\n{setting_label(pairs)}\n{context_label(pairs, environment)}",
+                    fontsize=10)
+    return _save(figure, path)
+
+
+FIGURES.update({
+    "attention_kernels": (attention_kernels, "attention kernels: µs per query token against sequence length, per "
+                                             "type and dtype (measured or derived)"),
+    "attention_memory": (attention_memory, "step peak with the reference attention against tokens, with the "
+                                           "machines' memory (derived)"),
+    "rewrite_effects": (rewrite_effects, "each rewrite on one block pair (measured); all rewrites per stage and per "
+                                         "video (measured and derived)"),
+})
