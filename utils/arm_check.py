@@ -225,20 +225,20 @@ def linear_errors(dtype_name: str) -> dict:
     }
 
 
-def check_fp32_linear(profile: str):
-    e = linear_errors("fp32")
-    ok = e["linear"] < FP32_BOUND and e["matmul"] < FP32_BOUND
-    return ok, (f"Linear {e['linear']:.1e}, matmul {e['matmul']:.1e} vs fp64 (bound {FP32_BOUND:g}); "
+def _check_linear(dtype: str, bound: float):
+    e = linear_errors(dtype)
+    ok = e["linear"] < bound and e["matmul"] < bound
+    return ok, (f"Linear {e['linear']:.1e}, matmul {e['matmul']:.1e} vs fp64 (bound {bound:g}); "
                 f"Linear: {e['linear_dispatch']}; matmul: {e['matmul_dispatch']}"), \
         {"linear_rel_error": e["linear"], "matmul_rel_error": e["matmul"]}
+
+
+def check_fp32_linear(profile: str):
+    return _check_linear("fp32", FP32_BOUND)
 
 
 def check_bf16_linear(profile: str):
-    e = linear_errors("bf16")
-    ok = e["linear"] < BF16_BOUND and e["matmul"] < BF16_BOUND
-    return ok, (f"Linear {e['linear']:.1e}, matmul {e['matmul']:.1e} vs fp64 (bound {BF16_BOUND:g}); "
-                f"Linear: {e['linear_dispatch']}; matmul: {e['matmul_dispatch']}"), \
-        {"linear_rel_error": e["linear"], "matmul_rel_error": e["matmul"]}
+    return _check_linear("bf16", BF16_BOUND)
 
 
 def check_fastmath(profile: str):
