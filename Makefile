@@ -30,6 +30,8 @@ ARM_STORE    ?=
 
 .PHONY: env test smoke report render mini-model lab tensorboard arm-check clean-env
 .NOTPARALLEL:
+# a notebook that fails leaves no executed copy behind, so the next `make report` runs it again
+.DELETE_ON_ERROR:
 
 env: $(STAMP)
 
@@ -66,6 +68,8 @@ build/$(PROFILE)/03_quality_baseline.ipynb: $(QUALITY)
 build/$(PROFILE)/04_precision_threads_memory.ipynb: $(QUALITY) $(addprefix utils/,optimize.py tuning.py \
     tuning_records.py onednn_probe.py)
 build/$(PROFILE)/05_attention.ipynb: $(addprefix utils/,optimize.py attention.py attention_bench.py rewrites.py)
+build/$(PROFILE)/06_int8.ipynb: $(QUALITY) $(addprefix utils/,optimize.py quantize.py quant_bench.py tuning.py \
+    tuning_records.py)
 
 build/$(PROFILE)/9%.ipynb: notebooks/9%.ipynb $(READING) | env
 	$(BIN)/python -m utils.notebooks $< $@ --profile $(PROFILE)

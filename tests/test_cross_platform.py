@@ -94,3 +94,32 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
     assert len(totals) == 1 and totals.variant.iloc[0] == "upstream"
     assert set(frame[frame.metric == "seconds_per_step"].stage) == {"denoise"}
     assert (frame.metric == "measured_video_seconds").sum() == 1
+
+
+def test_notebook_times_scale_with_the_projection(tmp_path, records):
+    frame, environments = records
+    runs = _store(tmp_path, "notebook_runs", "x86_64-test-cpu-2c-0001", "cpu")
+    for profile, seconds in (("default", 955.0), ("tiny", 3.0)):
+        runs.add(Record(variant="01_baseline", stage="notebook", metric="notebook_seconds", unit="s", value=seconds,
+                        spread={"n": 1}, config=make_config(profile=profile)))
+    frame = load_records(tmp_path)
+    xp = cross_platform.summary(frame, environments, "x86_64-test-cpu-2c-0001")
+    table = xp["notebooks"]
+    assert list(table.notebook) == ["01_baseline"] and table["measured here s"].iloc[0] == 955.0  # default only
+    c7g = xp["projected"].set_index("platform").seconds["c7g.16xlarge"]
+    assert table["c7g.16xlarge s (projected)"].iloc[0] == pytest.approx(955.0 * c7g / 1910.0)
+
+
+def test_notebook_duration_is_read_from_papermills_metadata(tmp_path):
+    from utils.notebooks import store_duration
+
+    executed = tmp_path / "01_baseline.ipynb"
+    executed.write_text(json.dumps({"metadata": {"papermill": {"duration": 12.5, "end_time": "2026-11-26T12:00:00",
+                                                               "exception": None}}, "cells": []}))
+    record = store_duration(executed, "tiny", tmp_path / "results")
+    assert record.value == 12.5 and record.config["profile"] == "tiny"
+    stored = load_records(tmp_path / "results")
+    assert stored.loc[stored.metric == "notebook_seconds", "value"].tolist() == [12.5]
+    executed.write_text(json.dumps({"metadata": {"papermill": {"duration": None, "exception": True}}}))
+    with pytest.raises(ValueError, match="no papermill duration"):
+        store_duration(executed, "tiny", tmp_path / "results")

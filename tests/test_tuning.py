@@ -109,7 +109,8 @@ def test_vae_chunking_keeps_numerics_and_validates(reference):
 
 def test_registry_order_and_bad_input():
     names = list(optimize.OPTIMIZATIONS)  # others register their steps too; these keep their places
-    assert names.index("bf16") < names.index("int8_weight_only") < names.index("vae_chunking") < names.index("autocast")
+    assert (names.index("bf16") < names.index("int8_weight_only") < names.index("quantize") < names.index("vae_chunking")
+            < names.index("autocast"))
     assert names[-1] == "autocast"  # wrappers around the stages come last
     pipe = optimize.apply(load_pipeline("tiny", dtype="fp32", load=()),
                           {"autocast": {}, "bf16": {"components": ["transformer", "vae"]}})
@@ -117,7 +118,7 @@ def test_registry_order_and_bad_input():
     assert optimize.describe(pipe) == "bf16(components=transformer,vae), autocast"
     with pytest.raises(ValueError, match="already applied"):
         optimize.apply(pipe, {"bf16": {}})
-    with pytest.raises(ValueError, match="accepted: bf16, int8_weight_only, vae_chunking"):
+    with pytest.raises(ValueError, match="accepted: bf16, int8_weight_only, quantize, vae_chunking"):
         optimize.apply(pipe, {"fp8": {}})
     with pytest.raises(ValueError, match="unknown components"):
         optimize.apply(load_pipeline("tiny", dtype="fp32", load=()), {"bf16": {"components": ["t5"]}})

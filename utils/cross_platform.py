@@ -140,6 +140,25 @@ def graviton_projection(records: pd.DataFrame, environment_id: str, gemm_efficie
     return projection
 
 
+def notebook_times(records: pd.DataFrame, environment_id: str, projected: pd.DataFrame) -> pd.DataFrame:
+    """Each study notebook's measured wall time here (default profile) and, per Graviton instance, that
+    time scaled by the instance's projected baseline video time over the baseline video time measured
+    here: a projection that assumes every notebook's work scales like the baseline video's compute."""
+    mine = records[(records.environment_id == environment_id) & (records.metric == "notebook_seconds")]
+    mine = mine[mine.get("config.profile", pd.Series(index=mine.index, dtype=object)) == "default"]
+    base = records[(records.environment_id == environment_id) & (records.notebook == "01_baseline")
+                   & (records.variant == "baseline") & (records.stage == "total") & (records.metric == "video_seconds")]
+    if mine.empty:
+        return pd.DataFrame()
+    mine = mine.sort_values("time").drop_duplicates("variant", keep="last").sort_values("variant")
+    table = pd.DataFrame({"notebook": mine.variant.values, "measured here s": mine.value.values})
+    if not base.empty and not projected.empty:
+        here = float(base.sort_values("time").value.iloc[-1])
+        for row in projected.itertuples():
+            table[f"{row.platform} s (projected)"] = table["measured here s"] * row.seconds / here
+    return table
+
+
 def summary(records: pd.DataFrame, environments: dict[str, dict], environment_id: str | None,
             gemm_efficiency: float = DEFAULT_GEMM_EFFICIENCY) -> dict:
     """Everything the report's cross-platform section shows: totals per platform set-up, the comparison
@@ -154,4 +173,5 @@ def summary(records: pd.DataFrame, environments: dict[str, dict], environment_id
     costs = cost_per_video(pd.concat([table.assign(kind="derived from measured"), projected], ignore_index=True),
                            prices())
     return dict(totals=table, published=against_published(records, environments), projection=projection,
-                projected=projected, costs=costs, gemm_efficiency=gemm_efficiency)
+                projected=projected, costs=costs, gemm_efficiency=gemm_efficiency,
+                notebooks=notebook_times(records, environment_id, projected) if environment_id else pd.DataFrame())

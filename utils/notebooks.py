@@ -4,7 +4,9 @@
 
 The executed copy goes to the output path; the notebook's records go to ``--results`` (default
 ``data/results``), its figures to ``--figures`` and profiler traces to ``--traces``. A smoke run points
-all three into a scratch folder so the stored results are never touched.
+all three into a scratch folder so the stored results are never touched. The run's wall time (papermill's
+own, from the executed copy) is stored as the notebook's ``notebook_seconds`` record; ``--record-only``
+stores it from an executed copy made earlier on this machine, without running anything.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 from .paths import REPO
 
 PROFILES = REPO / "notebooks" / "profiles.json"
+RUNS_NOTEBOOK = "notebook_runs"  # where the notebooks' wall times are stored
 
 
 def profile_parameters(profile: str, notebook: str) -> dict:
@@ -44,6 +47,24 @@ def run(notebook: Path, output: Path, profile: str, results: str, figures: str, 
     return time.perf_counter() - start
 
 
+def store_duration(executed: Path, profile: str, results: str):
+    """The ``notebook_seconds`` record of an executed copy (papermill's duration and end time in its
+    metadata; variant: the notebook's name), stored in ``results`` under ``notebook_runs``; the copy must
+    come from this machine."""
+    from .results import Record, ResultsStore, make_config
+
+    metadata = json.loads(Path(executed).read_text()).get("metadata", {}).get("papermill", {})
+    if metadata.get("duration") is None or metadata.get("exception"):
+        raise ValueError(f"{executed} has no papermill duration of a completed run")
+    name = Path(executed).stem
+    record = Record(variant=name, stage="notebook", metric="notebook_seconds", unit="s",
+                    value=float(metadata["duration"]), spread={"n": 1},
+                    config=make_config(profile=profile, threads=profile_parameters(profile, name).get("threads")),
+                    note=f"wall time of the whole notebook (papermill), ended {metadata.get('end_time')}")
+    ResultsStore(RUNS_NOTEBOOK, root=results).add(record)  # apart from the notebooks' own records
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m utils.notebooks", description=__doc__.split("\n\n")[0])
     parser.add_argument("notebook", type=Path)
@@ -52,13 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default="data/results")
     parser.add_argument("--figures", default="figures")
     parser.add_argument("--traces", default="build/traces")
+    parser.add_argument("--record-only", action="store_true",
+                        help="do not run: store the wall time of the executed copy at OUTPUT")
     args = parser.parse_args(argv)
     try:
         profile_parameters(args.profile, args.notebook.stem)
     except ValueError as err:
         parser.error(str(err))
-    seconds = run(args.notebook, args.output, args.profile, args.results, args.figures, args.traces)
-    print(f"{args.notebook.name} ({args.profile}): {seconds:.0f} s -> {args.output}")
+    if not args.record_only:
+        seconds = run(args.notebook, args.output, args.profile, args.results, args.figures, args.traces)
+        print(f"{args.notebook.name} ({args.profile}): {seconds:.0f} s -> {args.output}")
+    store_duration(args.output, args.profile, args.results)
     return 0
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from .memory import GIB, check_fits, module_bytes
 from .pipeline import COMPONENTS, DTYPES, STAGES, OpenSoraPipeline, VideoSetting, estimate_peak_bytes, parse_dtype
 from .attention import apply_attention
+from .quantize import apply_quantize
 from .rewrites import apply_cache_text_kv, apply_fused_modulate, apply_fused_rope, apply_vae_channels_last
 
 COMPUTE_STAGES = tuple(s for s in STAGES if s != "prepare_latents")
@@ -65,10 +66,6 @@ def apply_autocast(pipe: OpenSoraPipeline, dtype: str = "bf16", stages=COMPUTE_S
 
 # ---- weight-only int8 ---------------------------------------------------------------------------------
 
-def _is_quantized(tensor) -> bool:
-    return type(tensor) not in (nn.Parameter, torch.Tensor)
-
-
 def int8_weight_only_bytes(module: nn.Module, dtype: torch.dtype) -> int:
     """Bytes of ``module`` once its Linear weights are int8 with one ``dtype`` scale per output row."""
     linear = [m for m in module.modules() if isinstance(m, nn.Linear)]
@@ -79,31 +76,12 @@ def int8_weight_only_bytes(module: nn.Module, dtype: torch.dtype) -> int:
 
 def apply_int8_weight_only(pipe: OpenSoraPipeline, component: str = "text_encoder") -> OpenSoraPipeline:
     """Linear weights of ``component`` as int8, one scale per output channel (torchao
-    ``quantize_(model, Int8WeightOnlyConfig())``); activations stay in the component's dtype. The int8
-    weights are made from the loaded ones, so loading still needs the component in its dtype for a
-    moment (load it in bf16 to halve that). On x86 this saves memory, not time (see the x86 notes)."""
+    ``Int8WeightOnlyConfig``, ``utils.quantize``'s ``w8_weight_only`` on every Linear layer); activations stay
+    in the component's dtype. The int8 weights are made from the loaded ones, so loading still needs the
+    component in its dtype for a moment (load it in bf16 to halve that). On x86 this saves memory, not time."""
     if component not in COMPONENTS:
         raise ValueError(f"unknown component {component!r}; accepted: {', '.join(COMPONENTS)}")
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-    def quantize(pipe_, loaded):
-        if loaded == component:
-            # set_inductor_config=False: leave torch.compile's global settings alone
-            quantize_(pipe_._module(component), Int8WeightOnlyConfig(set_inductor_config=False))
-
-    def dequantize_on_meta(pipe_, released):
-        if released != component:
-            return
-        for module in pipe_._module(component).modules():  # plain meta weights again, so load() works
-            if isinstance(module, nn.Linear) and _is_quantized(module.weight):
-                module.weight = nn.Parameter(torch.empty(module.weight.shape, dtype=pipe_.dtypes[component],
-                                                         device="meta"), requires_grad=False)
-
-    pipe.load_hooks.append(quantize)
-    pipe.release_hooks.append(dequantize_on_meta)
-    if pipe.is_loaded(component):
-        quantize(pipe, component)
-    return pipe
+    return apply_quantize(pipe, "w8_weight_only", component, classes=None)
 
 
 # ---- VAE chunking (memory against speed) --------------------------------------------------------------
@@ -121,6 +99,18 @@ def apply_vae_chunking(pipe: OpenSoraPipeline, micro_batch_size: int | None = 4,
     return pipe
 
 
+# ---- compilation ----------------------------------------------------------------------------------------
+
+def apply_compile(pipe: OpenSoraPipeline, mode: str | None = None) -> OpenSoraPipeline:
+    """``torch.compile`` of the transformer's blocks (regional compilation: every STDiT3 block is compiled,
+    and the blocks of one kind share the compiled code, so 56 blocks cost two compilations). The first
+    denoising call pays for it. Needed for torchao's int8 kernels to run fused (the x86 notes: eager int8
+    is slower than bf16, compiled faster)."""
+    for block in (*pipe.transformer.spatial_blocks, *pipe.transformer.temporal_blocks):
+        block.compile(mode=mode)
+    return pipe
+
+
 # ---- the registry -------------------------------------------------------------------------------------
 
 # name -> step, in the order steps compose: weight dtypes, then weight formats, then run-time knobs,
@@ -128,6 +118,7 @@ def apply_vae_chunking(pipe: OpenSoraPipeline, micro_batch_size: int | None = 4,
 OPTIMIZATIONS = {
     "bf16": apply_bf16,
     "int8_weight_only": apply_int8_weight_only,
+    "quantize": apply_quantize,  # utils.quantize: int8 (and 4-bit) post-training quantisation
     "vae_chunking": apply_vae_chunking,
     # rewrites of the profile's bottlenecks (utils.attention, utils.rewrites): exact within rounding
     "attention": apply_attention,
@@ -135,6 +126,7 @@ OPTIMIZATIONS = {
     "fused_rope": apply_fused_rope,
     "fused_modulate": apply_fused_modulate,
     "vae_channels_last": apply_vae_channels_last,
+    "compile": apply_compile,
     "autocast": apply_autocast,
 }
 
@@ -181,10 +173,11 @@ def memory_estimate(pipe: OpenSoraPipeline, setting: VideoSetting, free_text_enc
     at its load dtype while it is being loaded."""
     modules = {c: pipe._module(c) for c in COMPONENTS}
     weight_bytes, load_peaks = {}, []
-    if "int8_weight_only" in pipe.optimizations:
-        component = pipe.optimizations["int8_weight_only"].get("component", "text_encoder")
-        weight_bytes[component] = int8_weight_only_bytes(modules[component], pipe.dtypes[component])
-        load_peaks.append(module_bytes(modules[component], pipe.dtypes[component]))
+    for step, default in (("int8_weight_only", "text_encoder"), ("quantize", "transformer")):
+        if step in pipe.optimizations:  # int8 weights with a scale per row (4-bit schemes: counted as int8)
+            component = pipe.optimizations[step].get("component", default)
+            weight_bytes[component] = int8_weight_only_bytes(modules[component], pipe.dtypes[component])
+            load_peaks.append(module_bytes(modules[component], pipe.dtypes[component]))
     estimate = estimate_peak_bytes(modules["transformer"], modules["vae"], modules["text_encoder"], setting,
                                    pipe.dtypes["transformer"], pipe.dtypes["text_encoder"],
                                    free_text_encoder=free_text_encoder, preset=pipe.preset, lazy_load=lazy_load,

@@ -25,6 +25,7 @@ from .plots import baseline_rows, newest_setting, one_environment, prepare, sele
 from .report_arm import arm_section
 from .report_quality import quality_section
 from .report_attention import attention_section
+from .report_int8 import INT8_FIGURES, NOTEBOOK as INT8_NOTEBOOK, int8_section
 from .report_tuning import TUNING_FIGURES, tuning_section
 from .results import RESULTS, load_environments, load_records
 
@@ -425,7 +426,8 @@ def _cross_platform(xp: dict) -> dict | None:
                 .rename(columns={"ceiling_fraction_here": "fraction of the fp32 GEMM ceiling here (derived)",
                                  "tflop": "TFLOP per video (counted)"}),
                 price_sources=cross_platform.prices()[["platform", "instance", "usd_per_hour", "unit", "source",
-                                                       "date", "note"]])
+                                                       "date", "note"]],
+                notebooks=None if xp["notebooks"].empty else xp["notebooks"])
 
 
 def _write_atomic(path: Path, content: str) -> None:
@@ -452,7 +454,8 @@ def to_html(markdown: str, title: str) -> str:
 def figure_sources() -> dict[str, dict]:
     """Which records a figure's context line (CPU, threads, weights) describes, where not the baseline's."""
     return {"ceilings": dict(stage="gemm"), "quality_adherence": dict(notebook="03_quality_baseline", stage="adherence")} | {
-        name: dict(notebook=plots.TUNING_NOTEBOOK) for name in TUNING_FIGURES}
+        name: dict(notebook=plots.TUNING_NOTEBOOK) for name in TUNING_FIGURES} | {
+        name: dict(notebook=INT8_NOTEBOOK) for name in INT8_FIGURES}
 
 
 def render(results_root=RESULTS, figures_dir=FIGURES, out_dir=REPORT,
@@ -469,7 +472,7 @@ def render(results_root=RESULTS, figures_dir=FIGURES, out_dir=REPORT,
     environment = environments.get(primary)
 
     figures = {}
-    for name, (draw, what) in plots.FIGURES.items():
+    for name, (draw, what) in (plots.FIGURES | INT8_FIGURES).items():
         path = figures_dir / f"{name}.png"
         drawn = draw(df, path, environment=environment)
         if drawn is None:
@@ -511,6 +514,7 @@ def render(results_root=RESULTS, figures_dir=FIGURES, out_dir=REPORT,
         quality=quality_section(df),
         arm=arm_section(records, environments),
         attention=attention_section(df),
+        int8=int8_section(df, records),
         tuning=tuning_section(records, environments, primary),
         xp=_cross_platform(xp),
     )

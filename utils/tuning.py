@@ -180,14 +180,22 @@ def _measure(fn, *args, spec: dict, **kwargs):
                    max_busy_retries=spec.get("busy_retries", 3), **kwargs)
 
 
-def _timing(timing, load_s) -> dict:
-    return {"timing": timing.as_dict(), "load_s": load_s}
-
-
 def _loaded(pipe, component: str) -> float:
     start = time.perf_counter()
     pipe.load(component)
     return time.perf_counter() - start
+
+
+def _timing(timing, load_s, pipe=None, component: str | None = None) -> dict:
+    """A stage's timing, its model's load time and, for a loaded model, its bytes (quantised tensors
+    counted by their data and scales) and the part of loading spent quantising (``utils.quantize``)."""
+    entry = {"timing": timing.as_dict(), "load_s": load_s}
+    if pipe is not None:
+        from .quantize import quantized_bytes
+
+        module = pipe._module(component)
+        entry |= {"model_bytes": quantized_bytes(module), "quantize_s": getattr(module, "quantize_seconds", None)}
+    return entry
 
 
 def task_stages(spec: dict) -> dict:
@@ -207,7 +215,7 @@ def task_stages(spec: dict) -> dict:
         load_s = _loaded(pipe, "text_encoder")
         timing = _measure(pipe.encode_prompt, [prompt], spec=spec)
         outputs["y"], outputs["mask"] = timing.result
-        results["encode_prompt"] = _timing(timing, load_s)
+        results["encode_prompt"] = _timing(timing, load_s, pipe, "text_encoder")
         pipe.release("text_encoder")
     y = inputs.get("y", outputs.get("y"))
     mask = inputs.get("mask", outputs.get("mask"))
@@ -223,7 +231,7 @@ def task_stages(spec: dict) -> dict:
         load_s = _loaded(pipe, "transformer")
         timing = _measure(pipe.denoise, z, y, mask, replace(setting, steps=1), progress=False, spec=spec)
         outputs["latent_one_step"] = timing.result
-        results["denoise"] = _timing(timing, load_s)
+        results["denoise"] = _timing(timing, load_s, pipe, "transformer")
         if spec.get("fidelity_steps"):
             start = time.perf_counter()
             outputs["latent_final"] = pipe.denoise(z, y, mask, replace(setting, steps=spec["fidelity_steps"]),
@@ -240,7 +248,7 @@ def task_stages(spec: dict) -> dict:
         load_s = _loaded(pipe, "vae")
         timing = _measure(pipe.decode, latents, setting, spec=spec)
         outputs["video"] = timing.result
-        results["decode"] = _timing(timing, load_s)
+        results["decode"] = _timing(timing, load_s, pipe, "vae")
         pipe.release("vae")
 
     if spec.get("outputs"):

@@ -1,0 +1,335 @@
+"""Notebook ``06_int8``: its records (from ``utils.quant_bench``'s results), its figures and the report's
+INT8 section, assembled from stored records alone."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from .plots import _figure, _save, _short, context_label, one_environment, select, setting_label, value_of
+from .results import Record, make_config, timing_record
+from .tuning_records import experiment_config, fidelity_records, ratio_records, stage_records
+
+NOTEBOOK = "06_int8"
+GIB = 2**30
+VARIANT_ORDER = ("fp32", "bf16", "bf16+compile", "w8a8_dynamic", "w8a8_dynamic+compile", "bf16+w8a8_dynamic",
+                 "bf16+w8a8_dynamic+compile", "w8a8_dynamic_all", "w8a8_dynamic_ao",
+                 "w8a8_static", "w8a8_static_plain", "w8_weight_only", "bf16+w8_weight_only", "t5_w8a8_dynamic",
+                 "t5_w8_weight_only")
+SCHEME_ORDER = ("float", "w8a8_dynamic", "w8a8_dynamic_compiled", "w8a8_dynamic_ao", "w8a8_static", "w8_weight_only")
+# an int8 variant "keeps quality" on the mini model when its all-correct adherence is within this margin of
+# fp32's on every split (the margin is about one standard error of a 75-clip fraction near 30 %)
+ADHERENCE_MARGIN = 0.06
+ARM_CHECKS = ("int8", "int4_kleidiai")  # utils.arm_check's quantised paths
+
+
+# ---- records ------------------------------------------------------------------------------------------
+
+def kernel_records(rows: list[dict], model: str, threads: int) -> list[Record]:
+    records = []
+    for row in rows:
+        config = make_config(model=model, dtype=row["dtype"], threads=threads, experiment="kernels",
+                             layer=row["layer"], rows=row["rows"], in_features=row["in_features"],
+                             out_features=row["out_features"], kernel_setting=row["setting"])
+        note = f"one {row['layer']} Linear, {row['rows']} x {row['in_features']} -> {row['out_features']}"
+        records += [timing_record(row["scheme"], "linear", row["timing"], config, metric="linear_seconds", note=note),
+                    Record(variant=row["scheme"], stage="linear", metric="gops", unit="GOP/s", value=row["gops"],
+                           kind="derived", config=config, note="2 rows in out / median seconds"),
+                    Record(variant=row["scheme"], stage="linear", metric="rel_error", unit="", value=row["rel_error"],
+                           spread={"n": 1}, config=config, note="relative L2 error against float64"),
+                    Record(variant=row["scheme"], stage="linear", metric="quantize_seconds", unit="s",
+                           value=row["quantize_s"], spread={"n": 1}, config=config)]
+    return records
+
+
+def variant_records(runs: dict[str, dict], steps: int) -> list[Record]:
+    """Stage timings, speed-ups against fp32 and bf16 (same run), fidelity against fp32 on the same
+    inputs, model bytes and quantisation time of every variant's fresh-process run."""
+    config = {name: experiment_config(result, "variants") for name, result in runs.items()}
+    records = []
+    for name, result in runs.items():
+        records += stage_records(result, name, config[name], steps)
+        for stage, entry in result.get("stages", {}).items():
+            for key, metric, unit in (("model_bytes", "model_bytes", "B"), ("quantize_s", "quantize_seconds", "s")):
+                if entry.get(key) is not None:
+                    records.append(Record(variant=name, stage=stage, metric=metric, unit=unit, value=entry[key],
+                                          spread={"n": 1}, config=config[name]))
+        if name != "fp32" and result.get("inputs_used") and "stages" in runs.get("fp32", {}):
+            records += fidelity_records(name, result["outputs"], runs["fp32"]["outputs"], config[name])
+    for base in ("fp32", "bf16"):
+        records += ratio_records(runs, base, lambda n: n, f"speedup_vs_{base}", lambda n: config[n],
+                                 f"{base} median / variant median, same run")
+    return records
+
+
+def decoded_records(decoded: dict[str, dict], runs: dict[str, dict], fidelity_steps: int) -> list[Record]:
+    records = []
+    for name, scores in decoded.items():
+        config = experiment_config(runs[name], "variants")
+        for metric, unit in (("psnr", "dB"), ("ssim", ""), ("flicker_ratio", "")):
+            if scores.get(metric) is not None and math.isfinite(scores[metric]):
+                records.append(Record(variant=name, stage="decode", metric=f"video_{metric}", unit=unit,
+                                      value=float(scores[metric]), spread={"n": 1}, config=config, quality=scores,
+                                      note=f"final latent after {fidelity_steps} steps decoded by the fp32 VAE, "
+                                           "against the fp32 run's"))
+    return records
+
+
+def sensitivity_records(rows: list[dict], model_label: str, config: dict, scheme: str) -> list[Record]:
+    return [Record(variant=row["group"], stage="denoise", metric=f"sensitivity_{metric}", unit="",
+                   value=row[key], spread={"n": 1},
+                   config=dict(config, experiment="sensitivity", sensitivity_model=model_label, scheme=scheme),
+                   quality=dict(layers=row["layers"], parameters=row["parameters"], classes=row["classes"]),
+                   note=f"only {'+'.join(row['classes'])} quantised; output latent against fp32")
+            for row in rows for metric, key in (("rel_l2", "relative_l2"), ("cosine", "cosine"))]
+
+
+# ---- selecting ------------------------------------------------------------------------------------------
+
+def int8_rows(df: pd.DataFrame, experiment: str, **criteria) -> pd.DataFrame:
+    df = one_environment(df)
+    for column in ("config.experiment", "config.optimizations", "config.layer", "config.kernel_setting",
+                   "config.sensitivity_model", "config.split"):
+        if column not in df.columns:
+            df[column] = None
+    return select(df, notebook=NOTEBOOK, **{"config.experiment": experiment}, **criteria)
+
+
+def _ordered(names, order) -> list:
+    names = list(dict.fromkeys(names))
+    return [n for n in order if n in names] + [n for n in names if n not in order]
+
+
+# ---- tables ---------------------------------------------------------------------------------------------
+
+def kernel_table(df: pd.DataFrame) -> pd.DataFrame | None:
+    rows = int8_rows(df, "kernels").drop_duplicates(["variant", "metric", "config.dtype", "config.layer",
+                                                     "config.kernel_setting"], keep="last")
+    if rows.empty:
+        return None
+    table = []
+    for dtype in dict.fromkeys(rows["config.dtype"]):
+        ours = select(rows, **{"config.dtype": dtype})
+        float_s = select(ours, variant="float", metric="linear_seconds")["value"].sum()
+        for scheme in _ordered(ours["variant"], SCHEME_ORDER):
+            mine = select(ours, variant=scheme)
+            seconds = select(mine, metric="linear_seconds")["value"].sum()
+            table.append({"dtype": dtype, "scheme": scheme,
+                          **{f"{layer} GOP/s": value_of(mine, metric="gops", **{"config.layer": layer})
+                             for layer in dict.fromkeys(mine["config.layer"])},
+                          "speed-up vs float (4 layers)": float_s / seconds if seconds else None,
+                          "max rel. error": select(mine, metric="rel_error")["value"].max(),
+                          "quantise s (4 layers)": select(mine, metric="quantize_seconds")["value"].sum(),
+                          "first call s (max)": select(mine, metric="linear_seconds")["spread.first"].max()
+                          if "spread.first" in mine.columns else None})
+    return pd.DataFrame(table)
+
+
+def variant_table(df: pd.DataFrame) -> pd.DataFrame | None:
+    rows = int8_rows(df, "variants").drop_duplicates(["variant", "stage", "metric"], keep="last")
+    if rows.empty:
+        return None
+    table = []
+    for name in _ordered(rows["variant"], VARIANT_ORDER):
+        ours = select(rows, variant=name)
+        stage = "encode_prompt" if name.startswith("t5_") else "denoise"
+        per_call = value_of(ours, stage=stage, metric="seconds_per_step" if stage == "denoise" else "seconds")
+        if per_call is None:
+            continue
+        table.append({"variant": name, "stage": stage, "optimisations": ours["config.optimizations"].iloc[-1] or "none",
+                      "s per step/call": per_call,
+                      "speed-up vs fp32": value_of(ours, stage=stage, metric="speedup_vs_fp32"),
+                      "speed-up vs bf16": value_of(ours, stage=stage, metric="speedup_vs_bf16"),
+                      "model GiB": (value_of(ours, stage=stage, metric="model_bytes") or math.nan) / GIB,
+                      "stage peak GiB": (value_of(ours, stage=stage, metric="peak_rss_bytes") or math.nan) / GIB,
+                      "quantise s": value_of(ours, stage=stage, metric="quantize_seconds"),
+                      "1-step / T5 rel. L2": value_of(ours, stage=stage, metric="rel_l2"),
+                      "final latent rel. L2": value_of(ours, stage=stage, metric="final_rel_l2"),
+                      "frames PSNR dB": value_of(ours, stage="decode", metric="video_psnr"),
+                      "frames SSIM": value_of(ours, stage="decode", metric="video_ssim")})
+    return pd.DataFrame(table) if table else None
+
+
+def sensitivity_table(df: pd.DataFrame) -> pd.DataFrame | None:
+    rows = int8_rows(df, "sensitivity", metric="sensitivity_rel_l2").drop_duplicates(
+        ["variant", "config.sensitivity_model"], keep="last")
+    if rows.empty:
+        return None
+    models = list(dict.fromkeys(rows["config.sensitivity_model"]))
+    table = pd.DataFrame([{"layer classes": group,
+                           "parameters (M)": select(rows, variant=group)["quality.parameters"].iloc[-1] / 1e6
+                           if "quality.parameters" in rows.columns else None,
+                           **{f"{m} rel. L2": value_of(rows, variant=group, **{"config.sensitivity_model": m})
+                              for m in models}}
+                          for group in dict.fromkeys(rows["variant"])])
+    singles = ~table["layer classes"].isin(["blocks", "all"])
+    key = f"{models[-1]} rel. L2"
+    table.loc[singles, "rank"] = table.loc[singles, key].rank(ascending=False)
+    return table
+
+
+def adherence_table(df: pd.DataFrame) -> pd.DataFrame | None:
+    rows = int8_rows(df, "adherence")
+    if rows.empty:
+        return None
+    rows = rows.drop_duplicates(["variant", "config.split", "metric"], keep="last")
+    table = []
+    for name in _ordered(rows["variant"], VARIANT_ORDER):
+        for split in dict.fromkeys(select(rows, variant=name)["config.split"]):
+            ours = select(rows, variant=name, **{"config.split": split})
+            fp32 = value_of(rows, variant="fp32", metric="adherence_all_correct", **{"config.split": split})
+            all_correct = value_of(ours, metric="adherence_all_correct")
+            table.append({"variant": name, "combinations": split, "clips": ours["spread.n"].max(),
+                          "all correct": all_correct,
+                          "vs fp32": None if fp32 is None or all_correct is None else all_correct - fp32,
+                          **{m: value_of(ours, metric=f"adherence_{m}") for m in ("shape", "colour", "motion")}})
+    return pd.DataFrame(table)
+
+
+def recommendation(variants: pd.DataFrame | None, adherence: pd.DataFrame | None) -> dict | None:
+    """The fastest transformer variant whose mini-model adherence stays within ``ADHERENCE_MARGIN`` of fp32
+    on every split (variants without an adherence measurement are not eligible), and the fastest overall."""
+    if variants is None:
+        return None
+    denoise = variants[(variants["stage"] == "denoise") & (variants["variant"] != "fp32")].dropna(
+        subset=["speed-up vs fp32"])
+    if denoise.empty:
+        return None
+    fastest = denoise.sort_values("speed-up vs fp32", ascending=False).iloc[0].to_dict()
+    keeps = set()
+    if adherence is not None:
+        worst = adherence[adherence["variant"] != "fp32"].groupby("variant")["vs fp32"].min()
+        keeps = {v for v, delta in worst.items() if delta is not None and not pd.isna(delta) and delta >= -ADHERENCE_MARGIN}
+    eligible = denoise[denoise["variant"].isin(keeps)].sort_values("speed-up vs fp32", ascending=False)
+    return dict(fastest=fastest, best=eligible.iloc[0].to_dict() if len(eligible) else None,
+                margin=ADHERENCE_MARGIN, kept=sorted(keeps))
+
+
+def arm_paths(records: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The int8/int4 checks of ``make arm-check`` (emulated, functional only) per CPU profile, newest first."""
+    if records is None or "config.arm_profile" not in records.columns:
+        return None
+    rows = records[(records["notebook"] == "arm_check") & records["variant"].isin(ARM_CHECKS)]
+    if rows.empty:
+        return None
+    rows = rows.sort_values("time").drop_duplicates(["config.arm_profile", "variant"], keep="last")
+    return pd.DataFrame([{"check": r["variant"], "profile": r["config.arm_profile"],
+                          "result": "pass" if r["value"] == 1 else "FAIL", "what ran and its error": r["note"]}
+                         for _, r in rows.sort_values(["variant", "config.arm_profile"]).iterrows()])
+
+
+def int8_section(df: pd.DataFrame, records: pd.DataFrame | None = None) -> dict | None:
+    """The section's tables from the primary environment's records ``df``; ``records`` (every environment)
+    adds the emulated aarch64 int8 checks."""
+    mine = select(one_environment(df), notebook=NOTEBOOK)
+    if mine.empty:
+        return None
+    variants, adherence = variant_table(df), adherence_table(df)
+    timed = select(mine, metric="seconds_per_step")
+    return dict(kernels=kernel_table(df), variants=variants, sensitivity=sensitivity_table(df), adherence=adherence,
+                recommendation=recommendation(variants, adherence), arm=arm_paths(records),
+                setting=setting_label(timed) if len(timed) else None,
+                threads=mine["config.threads"].dropna().iloc[-1] if mine["config.threads"].notna().any() else None)
+
+
+# ---- figures --------------------------------------------------------------------------------------------
+
+def kernels_figure(df: pd.DataFrame, path, environment: dict | None = None) -> Path | None:
+    """GOP/s of each Linear role per scheme, one panel per dtype (measured medians, derived rates)."""
+    rows = int8_rows(df, "kernels", metric="gops").drop_duplicates(
+        ["variant", "config.dtype", "config.layer", "config.kernel_setting"], keep="last")
+    if rows.empty:
+        return None
+    dtypes = list(dict.fromkeys(rows["config.dtype"]))
+    figure, axes = _figure(5.0 * len(dtypes), 4.0, ncols=len(dtypes))
+    for ax, dtype in zip(axes, dtypes):
+        ours = select(rows, **{"config.dtype": dtype})
+        schemes = _ordered(ours["variant"], SCHEME_ORDER)
+        layers = list(dict.fromkeys(ours["config.layer"]))
+        width = 0.8 / len(schemes)
+        for i, scheme in enumerate(schemes):
+            values = [value_of(ours, variant=scheme, **{"config.layer": layer}) for layer in layers]
+            positions = [x + (i - len(schemes) / 2 + 0.5) * width for x in range(len(layers))]
+            ax.bar(positions, [v if v is not None else 0 for v in values], width, label=scheme)
+        ax.set_xticks(range(len(layers)), layers)
+        ax.set_ylabel("GOP/s (derived from measured medians)")
+        ax.set_title(f"{dtype} activations, {ours['config.kernel_setting'].iloc[-1]}", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=6)
+    figure.suptitle(f"One Linear layer per role and scheme\n{context_label(rows, environment)}", fontsize=10)
+    return _save(figure, path)
+
+
+def tradeoff_figure(df: pd.DataFrame, path, environment: dict | None = None) -> Path | None:
+    """Left: denoiser speed-up against fp32 (measured side by side) vs the final latent's error against fp32
+    (real-size, random weights). Right: the mini model's all-correct adherence per variant and split."""
+    variants, adherence = variant_table(df), adherence_table(df)
+    if variants is None:
+        return None
+    figure, (left, right) = _figure(11.0, 4.2, ncols=2)
+    denoise = variants[variants["stage"] == "denoise"]
+    floor = denoise["final latent rel. L2"].min(skipna=True)
+    floor = floor / 10 if floor and not pd.isna(floor) and floor > 0 else 1e-7  # where the reference sits
+    for _, row in denoise.iterrows():
+        error, speedup = row["final latent rel. L2"], row["speed-up vs fp32"]
+        reference = pd.isna(error) or error == 0
+        left.scatter(speedup, floor if reference else error, marker="x" if reference else "o")
+        left.annotate(row["variant"], (speedup, floor if reference else error), xytext=(4, 2),
+                      textcoords="offset points", fontsize=7)
+    left.set_yscale("log")
+    left.set_xlabel("denoiser speed-up vs fp32 (measured side by side)")
+    left.set_ylabel("final latent rel. L2 vs fp32 (x: the reference, drawn at the floor)")
+    left.grid(alpha=0.3)
+    rows = select(int8_rows(df, "variants"), metric="seconds_per_step")
+    left.set_title(f"Speed vs fidelity, real-size model (random weights)\n{setting_label(rows)}", fontsize=9)
+    if adherence is not None:
+        splits = list(dict.fromkeys(adherence["combinations"]))
+        names = list(dict.fromkeys(adherence["variant"]))
+        width = 0.8 / len(splits)
+        for i, split in enumerate(splits):
+            ours = adherence[adherence["combinations"] == split].set_index("variant")["all correct"].reindex(names)
+            positions = [x + (i - len(splits) / 2 + 0.5) * width for x in range(len(names))]
+            right.bar(positions, ours.fillna(0), width, label=split)
+            for x, value in zip(positions, ours):
+                if not pd.isna(value):
+                    right.annotate(_short(100 * value), (x, value), ha="center", va="bottom", fontsize=6)
+        right.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=7)
+        right.set_ylabel("all attributes correct (fraction of clips)")
+        right.legend(fontsize=7)
+        right.set_title("Prompt adherence, trained mini model (measured)", fontsize=9)
+    else:
+        right.set_axis_off()
+    figure.suptitle(context_label(rows, environment), fontsize=9)
+    return _save(figure, path)
+
+
+def sensitivity_figure(df: pd.DataFrame, path, environment: dict | None = None) -> Path | None:
+    """Output-latent error against fp32 with one layer class quantised at a time, per model (measured)."""
+    table = sensitivity_table(df)
+    if table is None:
+        return None
+    columns = [c for c in table.columns if c.endswith("rel. L2")]
+    figure, axes = _figure(5.0 * len(columns), 0.8 + 0.35 * len(table), ncols=len(columns))
+    for ax, column in zip(axes, columns):
+        ax.barh(table["layer classes"], table[column])
+        for y, value in enumerate(table[column]):
+            if not pd.isna(value):
+                ax.annotate(f"{value:.2e}", (value, y), xytext=(3, 0), textcoords="offset points", va="center",
+                            fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("output latent rel. L2 vs fp32")
+        ax.set_title(column.removesuffix(" rel. L2") + " model", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    rows = int8_rows(df, "sensitivity")
+    figure.suptitle(f"Sensitivity: one layer class quantised ({rows['config.scheme'].iloc[-1] if 'config.scheme' in rows else ''})"
+                    f"\n{context_label(rows, environment)}", fontsize=10)
+    return _save(figure, path)
+
+
+INT8_FIGURES = {
+    "int8_kernels": (kernels_figure, "one Linear layer per role: GOP/s per quantisation scheme (derived from measured medians)"),
+    "int8_tradeoff": (tradeoff_figure, "denoiser speed-up vs final-latent error (measured, random weights) and the "
+                                       "mini model's adherence per variant (measured)"),
+    "int8_sensitivity": (sensitivity_figure, "output error with one layer class quantised at a time (measured)"),
+}
