@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .memory import return_freed_memory
 from .pipeline import COMPONENTS, OpenSoraPipeline, VideoSetting
 
 # the transformer's Linear layers by role, matched on their checkpoint names
@@ -177,6 +178,7 @@ def apply_quantize(pipe: OpenSoraPipeline, scheme: str = "w8a8_dynamic", compone
         module = pipe_._module(component)
         calls = torch.load(calibration, weights_only=False) if scheme == "w8a8_static" else None
         quantize_module(module, scheme, selected_linears(module, component, classes), calls, alpha)
+        return_freed_memory()  # glibc would keep the replaced float weights (GiBs) in the process
         module.quantize_seconds = time.perf_counter() - start  # reported by utils.tuning's stage runs
 
     def restore_on_meta(pipe_, released):

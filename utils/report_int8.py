@@ -187,9 +187,12 @@ def adherence_table(df: pd.DataFrame) -> pd.DataFrame | None:
     return pd.DataFrame(table)
 
 
-def recommendation(variants: pd.DataFrame | None, adherence: pd.DataFrame | None) -> dict | None:
+def recommendation(variants: pd.DataFrame | None, adherence: pd.DataFrame | None,
+                   sensitivity: pd.DataFrame | None = None) -> dict | None:
     """The fastest transformer variant whose mini-model adherence stays within ``ADHERENCE_MARGIN`` of fp32
-    on every split (variants without an adherence measurement are not eligible), and the fastest overall."""
+    on every split, and the fastest overall. A ``+compile`` variant without its own adherence measurement
+    counts as kept when its eager form is (compiling keeps the arithmetic; ``derived`` names those), and the
+    sensitivity table's ``blocks`` and ``all`` rows give the cost of quantising the embedders and final layer."""
     if variants is None:
         return None
     denoise = variants[(variants["stage"] == "denoise") & (variants["variant"] != "fp32")].dropna(
@@ -197,13 +200,31 @@ def recommendation(variants: pd.DataFrame | None, adherence: pd.DataFrame | None
     if denoise.empty:
         return None
     fastest = denoise.sort_values("speed-up vs fp32", ascending=False).iloc[0].to_dict()
-    keeps = set()
+    keeps, measured, worst = set(), set(), pd.Series(dtype=float)
     if adherence is not None:
+        measured = set(adherence["variant"])
         worst = adherence[adherence["variant"] != "fp32"].groupby("variant")["vs fp32"].min()
         keeps = {v for v, delta in worst.items() if delta is not None and not pd.isna(delta) and delta >= -ADHERENCE_MARGIN}
-    eligible = denoise[denoise["variant"].isin(keeps)].sort_values("speed-up vs fp32", ascending=False)
-    return dict(fastest=fastest, best=eligible.iloc[0].to_dict() if len(eligible) else None,
-                margin=ADHERENCE_MARGIN, kept=sorted(keeps))
+    derived = {v: v.removesuffix("+compile") for v in denoise["variant"]
+               if v.endswith("+compile") and v not in measured and v.removesuffix("+compile") in keeps}
+    eligible = denoise[denoise["variant"].isin(keeps | set(derived))].sort_values("speed-up vs fp32", ascending=False)
+    best = eligible.iloc[0].to_dict() if len(eligible) else None
+    if best is not None:
+        eager = denoise[denoise["variant"] == derived.get(best["variant"])]
+        best["eager"] = eager.iloc[0].to_dict() if len(eager) else None
+    float_layers = None
+    if sensitivity is not None and {"blocks", "all"} <= set(sensitivity["layer classes"]):
+        rows = sensitivity.set_index("layer classes")
+        float_layers = {column: (rows.loc["blocks", column], rows.loc["all", column])
+                        for column in ("real rel. L2", "mini rel. L2") if column in rows.columns}
+    weight_only = denoise[denoise["variant"] == "w8_weight_only"]
+    encoders = variants[(variants["stage"] == "encode_prompt") & (variants["variant"] != "fp32")]
+    encoder = encoders.iloc[0].to_dict() if len(encoders) else None
+    if encoder is not None:
+        encoder["adherence delta"] = worst.get(encoder["variant"])  # worst split, None when not measured
+    return dict(fastest=fastest, best=best, derived=derived, encoder=encoder, margin=ADHERENCE_MARGIN,
+                weight_only=weight_only.iloc[0].to_dict() if len(weight_only) else None, kept=sorted(keeps),
+                float_layers=float_layers)
 
 
 def arm_paths(records: pd.DataFrame | None) -> pd.DataFrame | None:
@@ -225,10 +246,10 @@ def int8_section(df: pd.DataFrame, records: pd.DataFrame | None = None) -> dict 
     mine = select(one_environment(df), notebook=NOTEBOOK)
     if mine.empty:
         return None
-    variants, adherence = variant_table(df), adherence_table(df)
+    variants, adherence, sensitivity = variant_table(df), adherence_table(df), sensitivity_table(df)
     timed = select(mine, metric="seconds_per_step")
-    return dict(kernels=kernel_table(df), variants=variants, sensitivity=sensitivity_table(df), adherence=adherence,
-                recommendation=recommendation(variants, adherence), arm=arm_paths(records),
+    return dict(kernels=kernel_table(df), variants=variants, sensitivity=sensitivity, adherence=adherence,
+                recommendation=recommendation(variants, adherence, sensitivity), arm=arm_paths(records),
                 setting=setting_label(timed) if len(timed) else None,
                 threads=mine["config.threads"].dropna().iloc[-1] if mine["config.threads"].notna().any() else None)
 
@@ -263,12 +284,27 @@ def kernels_figure(df: pd.DataFrame, path, environment: dict | None = None) -> P
 
 def tradeoff_figure(df: pd.DataFrame, path, environment: dict | None = None) -> Path | None:
     """Left: denoiser speed-up against fp32 (measured side by side) vs the final latent's error against fp32
-    (real-size, random weights). Right: the mini model's all-correct adherence per variant and split."""
+    (real-size, random weights). Middle: the transformer's bytes and the denoise stage's peak resident memory
+    per variant (measured). Right: the mini model's all-correct adherence per variant and split."""
     variants, adherence = variant_table(df), adherence_table(df)
     if variants is None:
         return None
-    figure, (left, right) = _figure(11.0, 4.2, ncols=2)
+    figure, (left, middle, right) = _figure(16.0, 4.6, ncols=3)
     denoise = variants[variants["stage"] == "denoise"]
+    positions = range(len(denoise))
+    middle.barh([y - 0.2 for y in positions], denoise["model GiB"], 0.4, label="transformer weights")
+    middle.barh([y + 0.2 for y in positions], denoise["stage peak GiB"], 0.4, label="denoise stage peak RSS")
+    for y, (model, peak) in enumerate(zip(denoise["model GiB"], denoise["stage peak GiB"])):
+        for offset, value in ((-0.2, model), (0.2, peak)):
+            if not pd.isna(value):
+                middle.annotate(f"{value:.2f}", (value, y + offset), xytext=(2, 0), textcoords="offset points",
+                                va="center", fontsize=6)
+    middle.set_yticks(list(positions), denoise["variant"], fontsize=7)
+    middle.invert_yaxis()
+    middle.set_xlabel("GiB (measured)")
+    middle.legend(fontsize=7)
+    middle.grid(axis="x", alpha=0.3)
+    middle.set_title("Memory per variant", fontsize=9)
     floor = denoise["final latent rel. L2"].min(skipna=True)
     floor = floor / 10 if floor and not pd.isna(floor) and floor > 0 else 1e-7  # where the reference sits
     for _, row in denoise.iterrows():
@@ -329,7 +365,7 @@ def sensitivity_figure(df: pd.DataFrame, path, environment: dict | None = None) 
 
 INT8_FIGURES = {
     "int8_kernels": (kernels_figure, "one Linear layer per role: GOP/s per quantisation scheme (derived from measured medians)"),
-    "int8_tradeoff": (tradeoff_figure, "denoiser speed-up vs final-latent error (measured, random weights) and the "
-                                       "mini model's adherence per variant (measured)"),
+    "int8_tradeoff": (tradeoff_figure, "denoiser speed-up vs final-latent error (measured, random weights), memory "
+                                       "per variant, and the mini model's adherence per variant (measured)"),
     "int8_sensitivity": (sensitivity_figure, "output error with one layer class quantised at a time (measured)"),
 }
