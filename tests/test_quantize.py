@@ -189,9 +189,20 @@ def test_int8_section_recommends_from_records(tmp_path):
                                  experiment="adherence", split=split)
             store.add(Record(variant=name, stage="adherence", metric="adherence_all_correct", unit="fraction",
                              value=all_correct, spread={"n": 60}, config=config))
+    from utils.report_int8 import sensitivity_records
+    sensitivity = {"real": {"mlp": (0.01, 600e6), "embedders": (0.03, 17e6), "blocks": (0.02, 1.2e9), "all": (0.05, 1.2e9)},
+                   "mini": {"mlp": (0.02, 1e6), "embedders": (0.01, 0.2e6), "blocks": (0.03, 2e6), "all": (0.04, 2.3e6)}}
+    for label, groups in sensitivity.items():
+        rows = [{"group": g, "relative_l2": e, "cosine": 1 - e, "layers": 1, "parameters": n, "classes": [g]}
+                for g, (e, n) in groups.items()]
+        store.add(*sensitivity_records(rows, label, make_config(**model), "w8a8_dynamic"))
     markdown = report.render(results_root=tmp_path / "results", figures_dir=tmp_path / "figures",
                              out_dir=tmp_path / "report")[0].read_text()
     section = markdown[markdown.index("## INT8 post-training quantisation"):markdown.index("## aarch64 functional")]
+    # each model ranks by its own error and counts its own parameters
+    assert "| mlp | 600 | 1.00 | 0.0100 | 0.0200 | 2 | 1 |" in section
+    assert "| embedders | 17.0 | 0.200 | 0.0300 | 0.0100 | 1 | 2 |" in section
+    assert "real rel. L2 0.0200 → 0.0500" in section
     assert "The fastest transformer variant is `w8a8_static`: it denoises\n2.000x as fast as fp32" in section
     assert "within 6.0 % of fp32 on every split\nis `w8a8_dynamic+compile` (1.818x fp32's speed" in section
     assert "Its adherence is that of its eager form `w8a8_dynamic` (derived" in section

@@ -114,15 +114,19 @@ def _threads_label(rows: pd.DataFrame) -> str:
 
 
 def context_label(rows: pd.DataFrame, environment: dict | None = None) -> str:
-    """"<CPU>, <n> threads[, random weights]" for a figure of ``rows``."""
+    """"<CPU>, <n> threads[, random weights]" for a figure of ``rows``; a figure mixing random and trained
+    weights names both."""
     if environment:
         cpu = environment.get("cpu_model") or environment.get("environment_id", "")
     else:
         ids = rows["environment_id"].dropna().unique()
         cpu = f"environment {ids[-1]}" if len(ids) else "unknown environment"
     parts = [cpu, _threads_label(rows)]
-    if (rows["config.weights"] == "random").any():
+    weights = set(rows["config.weights"].dropna()) - {"none"}
+    if weights == {"random"}:
         parts.append("random weights")
+    elif "random" in weights:
+        parts.append("weights: " + ", ".join(sorted(weights)))
     return ", ".join(p for p in parts if p)
 
 
@@ -150,9 +154,9 @@ def _text(value, suffix: str = "") -> str:
     return f"{int(value) if isinstance(value, float) and value.is_integer() else value}{suffix}"
 
 
-def _figure(width: float = 7.0, height: float = 4.0, ncols: int = 1):
+def _figure(width: float = 7.0, height: float = 4.0, ncols: int = 1, width_ratios=None):
     figure = Figure(figsize=(width, height), layout="constrained")
-    return figure, figure.subplots(1, ncols, squeeze=False)[0]
+    return figure, figure.subplots(1, ncols, squeeze=False, width_ratios=width_ratios)[0]
 
 
 def _save(figure: Figure, path) -> Path:

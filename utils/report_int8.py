@@ -157,15 +157,21 @@ def sensitivity_table(df: pd.DataFrame) -> pd.DataFrame | None:
     if rows.empty:
         return None
     models = list(dict.fromkeys(rows["config.sensitivity_model"]))
+
+    def parameters(group: str, model: str):
+        ours = select(rows, variant=group, **{"config.sensitivity_model": model})
+        if ours.empty or "quality.parameters" not in ours.columns:
+            return None
+        return ours["quality.parameters"].iloc[-1] / 1e6
+
     table = pd.DataFrame([{"layer classes": group,
-                           "parameters (M)": select(rows, variant=group)["quality.parameters"].iloc[-1] / 1e6
-                           if "quality.parameters" in rows.columns else None,
+                           **{f"{m} parameters (M)": parameters(group, m) for m in models},
                            **{f"{m} rel. L2": value_of(rows, variant=group, **{"config.sensitivity_model": m})
                               for m in models}}
                           for group in dict.fromkeys(rows["variant"])])
     singles = ~table["layer classes"].isin(["blocks", "all"])
-    key = f"{models[-1]} rel. L2"
-    table.loc[singles, "rank"] = table.loc[singles, key].rank(ascending=False)
+    for m in models:
+        table.loc[singles, f"{m} rank"] = table.loc[singles, f"{m} rel. L2"].rank(ascending=False)
     return table
 
 
@@ -289,7 +295,7 @@ def tradeoff_figure(df: pd.DataFrame, path, environment: dict | None = None) -> 
     variants, adherence = variant_table(df), adherence_table(df)
     if variants is None:
         return None
-    figure, (left, middle, right) = _figure(16.0, 4.6, ncols=3)
+    figure, (left, middle, right) = _figure(17.0, 4.8, ncols=3, width_ratios=(1.3, 1.0, 1.0))
     denoise = variants[variants["stage"] == "denoise"]
     positions = range(len(denoise))
     middle.barh([y - 0.2 for y in positions], denoise["model GiB"], 0.4, label="transformer weights")
@@ -313,9 +319,10 @@ def tradeoff_figure(df: pd.DataFrame, path, environment: dict | None = None) -> 
         left.scatter(speedup, floor if reference else error, marker="x" if reference else "o")
         left.annotate(row["variant"], (speedup, floor if reference else error), xytext=(4, 2),
                       textcoords="offset points", fontsize=7)
+    left.set_xlim(0.9, 1.3 * denoise["speed-up vs fp32"].max())  # room for the labels inside the axes
     left.set_yscale("log")
     left.set_xlabel("denoiser speed-up vs fp32 (measured side by side)")
-    left.set_ylabel("final latent rel. L2 vs fp32 (x: the reference, drawn at the floor)")
+    left.set_ylabel("final latent rel. L2 vs fp32\n(x: fp32 itself, drawn at the floor)", fontsize=8)
     left.grid(alpha=0.3)
     rows = select(int8_rows(df, "variants"), metric="seconds_per_step")
     left.set_title(f"Speed vs fidelity, real-size model (random weights)\n{setting_label(rows)}", fontsize=9)
@@ -332,12 +339,17 @@ def tradeoff_figure(df: pd.DataFrame, path, environment: dict | None = None) -> 
                     right.annotate(_short(100 * value), (x, value), ha="center", va="bottom", fontsize=6)
         right.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=7)
         right.set_ylabel("all attributes correct (fraction of clips)")
-        right.legend(fontsize=7)
+        right.set_ylim(0, 1.25 * adherence["all correct"].max())
+        right.legend(fontsize=7, loc="upper center", ncols=len(splits))
         right.set_title("Prompt adherence, trained mini model (measured)", fontsize=9)
     else:
         right.set_axis_off()
     figure.suptitle(context_label(rows, environment), fontsize=9)
     return _save(figure, path)
+
+
+MODEL_TITLES = {"real": "real-size model (random weights, one step)",
+                "mini": "mini model (trained here, 30-step clips)"}
 
 
 def sensitivity_figure(df: pd.DataFrame, path, environment: dict | None = None) -> Path | None:
@@ -355,7 +367,8 @@ def sensitivity_figure(df: pd.DataFrame, path, environment: dict | None = None) 
                             fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel("output latent rel. L2 vs fp32")
-        ax.set_title(column.removesuffix(" rel. L2") + " model", fontsize=9)
+        model = column.removesuffix(" rel. L2")
+        ax.set_title(MODEL_TITLES.get(model, f"{model} model"), fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     rows = int8_rows(df, "sensitivity")
     figure.suptitle(f"Sensitivity: one layer class quantised ({rows['config.scheme'].iloc[-1] if 'config.scheme' in rows else ''})"
