@@ -121,13 +121,58 @@ def quantize_module(module: nn.Module, scheme: str, names: list[str], calibratio
     if not calibration:
         raise ValueError("w8a8_static needs calibration inputs (capture_inputs, then calibration=<file>)")
     quantize_(module, SmoothQuantConfig(_config(scheme), step="prepare", alpha=alpha), filter_fn=_filter(names))
+    for observed in module.modules():  # torchao's observer keeps every input: more than 24 GB at the real size
+        if hasattr(observed, "obs"):
+            observed.obs = RangeObserver(observed.obs.weight, observed.obs.alpha)
     dtype = next(module.parameters()).dtype
+    cast = lambda v: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v  # noqa: E731
     with torch.inference_mode():
         for args, kwargs in tqdm(calibration, desc="calibration", unit="call", disable=not progress):
-            cast = lambda v: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v  # noqa: E731
             module(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
     quantize_(module, SmoothQuantConfig(_config(scheme), step="convert", alpha=alpha), filter_fn=_filter(names))
     return module
+
+
+class RangeObserver(nn.Module):
+    """torchao's ``SmoothQuantObserver`` with per-channel minima and maxima in place of the list of every
+    input it keeps. Its smoothing factor needs only each channel's absolute maximum, and the per-tensor
+    activation scale only the smoothed input's extremes, which (the factors being positive) lie among each
+    channel's extremes divided by its factor: the same quantisation parameters in O(channels) memory.
+    (torchao's ``use_running_absmax`` observer does this too, but fails at convert with the static int8
+    config in torchao 0.18.)"""
+
+    def __init__(self, weight: torch.Tensor, alpha: float | None):
+        super().__init__()
+        self.weight, self.alpha = weight, alpha
+        self.low = self.high = None
+        self.ndim = 2  # the inputs' rank: the activation scale takes it
+
+    @torch.no_grad()
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        flat = input.reshape(-1, input.shape[-1])
+        self.ndim = input.ndim
+        low, high = flat.amin(dim=0), flat.amax(dim=0)
+        self.low = low if self.low is None else torch.minimum(self.low, low)
+        self.high = high if self.high is None else torch.maximum(self.high, high)
+        return input
+
+    def calculate_qparams(self, weight_quant_kwargs=None):
+        from torchao.quantization.quantize_.common import _choose_quant_func_and_quantize_tensor
+
+        if self.low is None:
+            raise RuntimeError("calibrate the observer first: run the module on the calibration inputs")
+        x_abs_max = torch.maximum(self.low.abs(), self.high.abs())
+        if self.alpha is None:
+            factor = torch.ones_like(x_abs_max)
+        else:  # torchao's formula
+            eps = torch.finfo(torch.float32).eps
+            factor = (x_abs_max + eps) ** self.alpha / (self.weight.abs().amax(dim=0) + eps) ** (1 - self.alpha)
+        if weight_quant_kwargs is None:
+            return factor, None, None
+        extremes = torch.stack([self.low, self.high]) / factor
+        extremes = _choose_quant_func_and_quantize_tensor(extremes.view((1,) * (self.ndim - 2) + extremes.shape),
+                                                          weight_quant_kwargs)
+        return factor, extremes.scale, extremes.zero_point
 
 
 def is_quantized(module: nn.Module) -> bool:

@@ -254,7 +254,10 @@ def int8_section(df: pd.DataFrame, records: pd.DataFrame | None = None) -> dict 
         return None
     variants, adherence, sensitivity = variant_table(df), adherence_table(df), sensitivity_table(df)
     timed = select(mine, metric="seconds_per_step")
-    return dict(kernels=kernel_table(df), variants=variants, sensitivity=sensitivity, adherence=adherence,
+    failed = int8_rows(df, "variants", metric="not_run").drop_duplicates("variant", keep="last")
+    not_run = {row["variant"]: row["note"].removeprefix("not run: ") for _, row in failed.iterrows()
+               if variants is None or row["variant"] not in set(variants["variant"])}
+    return dict(kernels=kernel_table(df), variants=variants, not_run=not_run, sensitivity=sensitivity, adherence=adherence,
                 recommendation=recommendation(variants, adherence, sensitivity), arm=arm_paths(records),
                 setting=setting_label(timed) if len(timed) else None,
                 threads=mine["config.threads"].dropna().iloc[-1] if mine["config.threads"].notna().any() else None)
