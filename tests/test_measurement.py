@@ -75,6 +75,20 @@ def test_store_round_trip_and_replacement(tmp_path):
     assert (tmp_path / "environments" / f"{store.environment_id}.json").exists()
 
 
+def test_a_measurement_supersedes_the_variants_earlier_failure(tmp_path):
+    store = ResultsStore("06_int8", root=tmp_path)
+    failed = Record(variant="fp32", stage="total", metric="not_run", unit="", value=1.0, config=CONFIG,
+                    note="not run: killed by signal 9")
+    other = Record(variant="bf16", stage="total", metric="not_run", unit="", value=1.0, config=CONFIG,
+                   note="not run: killed by signal 9")
+    store.add(failed, other)
+    store.add(_record(2.0))  # fp32 ran this time
+    frame = load_records(tmp_path)
+    assert sorted(zip(frame.variant, frame.metric)) == [("bf16", "not_run"), ("fp32", "seconds")]
+    store.add(failed)  # and a new failure is stored beside the earlier measurement
+    assert len(load_records(tmp_path)) == 3
+
+
 def test_other_machines_are_never_overwritten(tmp_path):
     other = tmp_path / "aarch64-graviton-64c-0000" / "01_baseline.json"
     other.parent.mkdir()

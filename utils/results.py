@@ -91,6 +91,12 @@ def _identity(record: dict) -> tuple:
             json.dumps(record["config"], sort_keys=True))
 
 
+def _run_of(record: dict) -> tuple:
+    """What a ``not_run`` record stands for: a variant of an experiment. A later measurement of it
+    supersedes the failure."""
+    return record["notebook"], record["variant"], record["config"].get("experiment")
+
+
 def write_json_atomic(path: Path, payload) -> None:
     """Write ``payload`` as JSON to a temporary file beside ``path``, flush it to disk, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +139,8 @@ class ResultsStore:
                         time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                         git_commit=self.environment["git"]["commit"], git_dirty=self.environment["git"]["dirty"])
             stamped.append(validate(full))
-        kept = {_identity(r): r for r in self._read()}
+        ran = {_run_of(r) for r in stamped if r["metric"] != "not_run"}
+        kept = {_identity(r): r for r in self._read() if not (r["metric"] == "not_run" and _run_of(r) in ran)}
         kept.update({_identity(r): r for r in stamped})
         write_json_atomic(self.path, {"schema_version": SCHEMA_VERSION, "environment_id": self.environment_id,
                                       "notebook": self.notebook, "records": list(kept.values())})
