@@ -117,12 +117,13 @@ def quantize_module(module: nn.Module, scheme: str, names: list[str], calibratio
         quantize_(module, _config(scheme), filter_fn=_filter(names))
         return module
     from torchao.prototype.smoothquant import SmoothQuantConfig
+    from torchao.prototype.smoothquant.core import SmoothQuantObservedLinear
 
     if not calibration:
         raise ValueError("w8a8_static needs calibration inputs (capture_inputs, then calibration=<file>)")
     quantize_(module, SmoothQuantConfig(_config(scheme), step="prepare", alpha=alpha), filter_fn=_filter(names))
     for observed in module.modules():  # torchao's observer keeps every input: more than 24 GB at the real size
-        if hasattr(observed, "obs"):
+        if isinstance(observed, SmoothQuantObservedLinear):
             observed.obs = RangeObserver(observed.obs.weight, observed.obs.alpha)
     dtype = next(module.parameters()).dtype
     cast = lambda v: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v  # noqa: E731
