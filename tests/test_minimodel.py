@@ -11,9 +11,9 @@ from utils.pipeline import load_pipeline
 from utils.quality import adherence, adherence_summary
 from utils.weights import CheckpointError
 
-# A third of the training combinations and every held-out one, one seed. Over the whole splits (3 seeds,
-# notebook 03) the committed model gets colour right in ~93 % of clips but shape and motion far less often,
-# so the bounds below test what it does reliably (colour follows the caption) and that controls fail.
+# A third of the training combinations and every held-out one, one seed. On these the committed model
+# (weights d70ac51ac68b) gets all three attributes right in 60 % (train) and 47 % (held out) of clips and
+# colour in all of them; the bounds leave room for another machine's reduction order, and controls must fail.
 TRAIN_CAPTIONS = synthetic.TRAIN[::3]  # 20 combinations
 HELD_OUT_CAPTIONS = synthetic.HELD_OUT
 
@@ -61,6 +61,24 @@ def test_a_mismatched_checkpoint_is_refused(tmp_path):
         load_pipeline("mini", weights=str(tmp_path))
 
 
+def test_weights_id_tells_weights_apart(tmp_path):
+    for component, folder in minimodel.component_dirs(tmp_path).items():
+        folder.mkdir(parents=True)
+        for file in (minimodel.MINI_DIR / component).iterdir():
+            (folder / file.name).write_bytes(file.read_bytes())
+    committed = minimodel.weights_id()
+    assert len(committed) == 12 and minimodel.weights_id(tmp_path) == committed  # content, not location
+    weights = tmp_path / "vae" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one parameter
+    weights.write_bytes(bytes(data))
+    assert minimodel.weights_id(tmp_path) != committed
+    weights.unlink()
+    assert minimodel.weights_id(tmp_path) is None
+    assert minimodel.quality_config("mini", "trained-mini", 30, 1)["mini_weights"] == committed
+    assert "mini_weights" not in minimodel.quality_config("tiny", "random", 2, 1)
+
+
 def test_missing_weights_say_how_to_make_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="make mini-model"):
         load_pipeline("mini", weights=str(tmp_path))
@@ -74,7 +92,19 @@ def test_training_code_runs_end_to_end_and_its_output_loads(tmp_path):
     assert all(torch.isfinite(torch.tensor(v)).all() for v in record["losses"].values())
     trained = load_pipeline("mini", weights=str(tmp_path), dtype="fp32")  # strict key checks
     assert torch.equal(trained.vae.scale.flatten(), torch.tensor(record["latent_scale"]))
-    assert {r.metric for r in minitrain.training_records(record)} == {"training_seconds", "final_loss"}
+    records = minitrain.training_records(record)
+    assert {r.metric for r in records} == {"training_seconds", "final_loss"}
+    assert {r.config["mini_weights"] for r in records} == {minimodel.weights_id(tmp_path)}
+
+
+def test_learning_rate_schedules():
+    warm = [minitrain.lr_factor(step, 1000, warmup=100, schedule="cosine") for step in range(1000)]
+    assert warm[0] == pytest.approx(0.01) and warm[99] == 1.0 and warm[100] == 1.0  # linear warm-up, then the peak
+    assert all(a >= b for a, b in zip(warm[100:], warm[101:]))  # decays monotonically
+    assert warm[550] == pytest.approx(0.5) and 0 < warm[-1] < 1e-4  # half way: half; the last step: almost zero
+    assert {minitrain.lr_factor(step, 1000, warmup=100) for step in range(100, 1000)} == {1.0}  # constant
+    with pytest.raises(ValueError, match="accepted: constant, cosine"):
+        minitrain.TrainConfig(dit_schedule="linear")
 
 
 def test_training_timesteps_follow_upstreams_transform():
@@ -97,7 +127,7 @@ def test_trained_model_follows_prompts_and_controls_fail(pipe):
     finally:
         minimodel.restore(pipe.transformer, saved)
     assert trained["colour_accuracy"] >= 0.8 and held_out["colour_accuracy"] >= 0.7, (trained, held_out)
-    assert trained["all_correct"] > 0.1, trained  # chance is 1/75
+    assert trained["all_correct"] >= 0.45 and held_out["all_correct"] >= 0.3, (trained, held_out)  # chance: 1/75
     assert unconditional["colour_accuracy"] <= 0.4 and unconditional["all_correct"] <= 0.05, unconditional
     assert scrambled["colour_accuracy"] <= 0.4 and scrambled["all_correct"] <= 0.1, scrambled
     assert score(pipe, TRAIN_CAPTIONS) == trained  # restored exactly

@@ -213,7 +213,7 @@ def test_int8_section_recommends_from_records(tmp_path):
     for name, all_correct in (("fp32", 0.30), ("w8a8_dynamic", 0.2867), ("w8a8_static", 0.15)):
         for split in ("train", "held_out"):
             config = make_config(**model | dict(model="mini", weights="trained-mini", resolution="64px"),
-                                 experiment="adherence", split=split)
+                                 experiment="adherence", split=split, mini_weights=minimodel.weights_id())
             store.add(Record(variant=name, stage="adherence", metric="adherence_all_correct", unit="fraction",
                              value=all_correct, spread={"n": 60}, config=config))
     store.add(Record(variant="w8a8_dynamic_ao", stage="total", metric="not_run", unit="", value=1.0,

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from utils import report
+from utils.minimodel import quality_config
 from utils.fingerprint import fingerprint
 from utils.pipeline import STAGES
 from utils.profiling import OP_CLASSES
@@ -125,13 +126,15 @@ def section(markdown: str, title: str) -> str:
 def test_quality_section_from_records(tmp_path):
     build_store(tmp_path / "results")
     store = ResultsStore("03_quality_baseline", root=tmp_path / "results")
-    mini = make_config(model="mini", weights="trained-mini", resolution="64px", aspect_ratio="1:1", frames=17,
-                       steps=30, dtype="fp32", threads=2)
-    for variant, split, all_correct in (("ground truth", "all", 1.0), ("fp32", "train", 0.875),
-                                        ("fp32", "held_out", 0.4321), ("scrambled transformer", "train", 0.0)):
+    mini = quality_config("mini", "trained-mini", steps=30, threads=2)  # the committed weights' id
+    other = dict(mini, mini_weights="0123456789ab")  # records of other weights are left out and listed
+    for variant, split, all_correct, config in (("ground truth", "all", 1.0, mini), ("fp32", "train", 0.875, mini),
+                                                ("fp32", "held_out", 0.4321, mini),
+                                                ("scrambled transformer", "train", 0.0, mini),
+                                                ("fp32", "train", 0.111, other)):
         store.add(*[Record(variant=variant, stage="adherence", metric=f"adherence_{name}", unit="fraction",
                            value=all_correct if name == "all_correct" else 0.9, spread={"n": 120},
-                           config=dict(mini, split=split)) for name in ("shape", "colour", "motion", "all_correct")])
+                           config=dict(config, split=split)) for name in ("shape", "colour", "motion", "all_correct")])
     store.add(Record(variant="1-thread", stage="noise_floor", metric="psnr", unit="dB", value=71.25, config=mini),
               Record(variant="1-thread", stage="noise_floor", metric="latent_cosine", unit="", value=0.999999,
                      config=mini))
@@ -139,6 +142,9 @@ def test_quality_section_from_records(tmp_path):
     quality = section(markdown, "Quality baseline: a mini OpenSora trained here")
     assert "not measured yet" not in quality.lower()
     assert "**87.5 %**" in quality and "**43.2 %**" in quality  # fp32 train and held-out all-correct, from records
+    assert "11.1 %" not in quality
+    assert f"weights id `{mini['mini_weights']}`" in quality
+    assert "| 03_quality_baseline | 0123456789ab | 4 |" in quality  # the left-out records, per notebook
     assert table_row(quality, "scrambled transformer")[1:3] == ["train", "120"]
     assert "71.2" in table_row(quality, "mini (trained-mini weights)")[2]
     assert (tmp_path / "figures" / "quality_adherence.png").is_file()

@@ -11,6 +11,7 @@ The text encoder is a small T5 with its own word-level vocabulary of the caption
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pandas as pd
@@ -23,7 +24,7 @@ from . import synthetic
 from .captions import append_score_to_prompts, text_preprocessing
 from .noise_floor import restore_weights
 from .paths import DATA
-from .pipeline import AESTHETIC_SCORE, VideoSetting
+from .pipeline import AESTHETIC_SCORE, TRAINED_MINI, VideoSetting
 from .quality import adherence, adherence_summary
 from .results import Record, make_config
 from .stdit3 import STDIT3_PRESETS
@@ -47,6 +48,20 @@ def component_dirs(root: str | Path = MINI_DIR) -> dict[str, Path]:
 
 def weights_present(root: str | Path = MINI_DIR) -> bool:
     return all((folder / "model.safetensors").is_file() for folder in component_dirs(root).values())
+
+
+def weights_id(root: str | Path = MINI_DIR) -> str | None:
+    """Which trained mini model is under ``root``: the first 12 hex digits of a SHA-256 over every file of
+    its component folders (weights, tokenizer, config), or None when a weight file is missing. Records of
+    ``trained-mini`` carry it as ``config.mini_weights``, so results of other weights are told apart."""
+    if not weights_present(root):
+        return None
+    digest = hashlib.sha256()
+    for component, folder in component_dirs(root).items():
+        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+            digest.update(f"{component}/{path.name}\n".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def require_weights(root: str | Path = MINI_DIR) -> dict[str, Path]:
@@ -152,8 +167,9 @@ restore = restore_weights
 def quality_config(model: str, weights: str, steps: int, threads: int, setting: VideoSetting | None = None,
                    dtype: str = "fp32") -> dict:
     setting = setting or mini_setting(steps=steps)
+    mini = {"mini_weights": weights_id()} if weights == TRAINED_MINI else {}
     return make_config(model=model, weights=weights, resolution=setting.resolution, aspect_ratio=setting.aspect_ratio,
-                       frames=setting.num_frames, steps=steps, dtype=dtype, threads=threads)
+                       frames=setting.num_frames, steps=steps, dtype=dtype, threads=threads, **mini)
 
 
 # adherence_summary's keys -> record metrics

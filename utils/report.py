@@ -19,11 +19,12 @@ from pathlib import Path
 import pandas as pd
 
 from . import cross_platform, plots
+from .minimodel import weights_id
 from .paths import FIGURES, REPORT
 from .pipeline import STAGES
 from .plots import baseline_rows, newest_setting, one_environment, prepare, select, setting_label, value_of
 from .report_arm import arm_section
-from .report_quality import quality_section
+from .report_quality import quality_section, split_mini_records
 from .report_attention import attention_section
 from .report_int8 import INT8_FIGURES, NOTEBOOK as INT8_NOTEBOOK, int8_section
 from .report_tuning import TUNING_FIGURES, tuning_section
@@ -465,7 +466,8 @@ def render(results_root=RESULTS, figures_dir=FIGURES, out_dir=REPORT,
     import jinja2
 
     results_root, figures_dir, out_dir = Path(results_root), Path(figures_dir), Path(out_dir)
-    records = prepare(load_records(results_root))
+    mini_weights = weights_id()
+    records, stale_mini = split_mini_records(prepare(load_records(results_root)), mini_weights)
     environments = load_environments(results_root)
     primary = primary_environment(records, environments, environment_id)
     df = records[records["environment_id"] == primary].reset_index(drop=True)
@@ -511,7 +513,7 @@ def render(results_root=RESULTS, figures_dir=FIGURES, out_dir=REPORT,
         bottlenecks=None if ranked.empty else ranked.drop(columns=["stage", "component"]),
         bottleneck_setting=setting_label(base),
         group_split=not newest_setting(select(df, stage="denoise", metric=["ms_per_step", "share"])).empty,
-        quality=quality_section(df),
+        quality=quality_section(df), mini_weights=mini_weights, stale_mini=stale_mini,
         arm=arm_section(records, environments),
         attention=attention_section(df),
         int8=int8_section(df, records),

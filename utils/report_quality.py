@@ -4,10 +4,26 @@ from __future__ import annotations
 
 import pandas as pd
 
+from .pipeline import TRAINED_MINI
 from .plots import ADHERENCE_METRICS, select
 
 FLOOR_METRICS = {"psnr": "PSNR dB", "ssim": "SSIM", "latent_relative_l2": "latent rel. L2", "latent_cosine": "latent cosine",
                  "flicker_ratio": "flicker ratio", "max_abs_diff": "max abs diff (frames)"}
+
+
+def split_mini_records(records: pd.DataFrame, current: str | None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The records to report, and a table of the ``trained-mini`` records left out because they were
+    measured with other mini-model weights than ``current`` (``minimodel.weights_id()`` of the weights in
+    ``data/mini-model``) or do not say which (per notebook; None when every record matches)."""
+    ids = records["config.mini_weights"] if "config.mini_weights" in records.columns else pd.Series(
+        None, index=records.index, dtype=object)
+    other = (records["config.weights"] == TRAINED_MINI) & (ids.astype(object) != current)
+    if not other.any():
+        return records, None
+    left_out = records[other].assign(weights=ids[other].fillna("not recorded"))
+    table = (left_out.groupby(["environment_id", "notebook", "weights"], sort=False)
+             .agg(records=("metric", "size"), newest=("time", "max")).reset_index())
+    return records[~other].reset_index(drop=True), table
 
 
 def _in_stored_order(rows: pd.DataFrame, keys: list[str]) -> list[tuple]:
