@@ -7,7 +7,8 @@ import torch
 
 from utils import minimodel, minitrain, synthetic
 from utils.noise_floor import perturb_weights, restore_weights
-from utils.pipeline import load_pipeline
+from utils.pipeline import TIMESTEP_TRANSFORM, load_pipeline
+from utils.sampler import rflow_sample
 from utils.quality import adherence, adherence_summary
 from utils.weights import CheckpointError
 
@@ -115,6 +116,23 @@ def test_training_timesteps_follow_upstreams_transform():
     assert shifted.median() < 300  # r < 1 moves training towards low noise, as sampling does
     x0, noise = torch.ones(1, 1, 1, 1, 1), torch.zeros(1, 1, 1, 1, 1)
     assert minitrain.noised(x0, noise, torch.tensor([250.0])).item() == pytest.approx(0.75)
+
+
+def test_mini_model_trains_and_samples_without_the_resolution_shift(pipe):
+    # at 64 px upstream's shift would be r = 0.28; the mini model is trained and sampled without it
+    assert pipe.use_timestep_transform is False and TIMESTEP_TRANSFORM["opensora-v1.2"] is True
+    assert json.loads((minimodel.MINI_DIR / "training.json").read_text())["use_timestep_transform"] is False
+    setting = minimodel.mini_setting(steps=2)
+    y, mask = pipe.encode_prompt([synthetic.TRAIN[0].caption])
+    z = pipe.prepare_latents(1, setting)
+    y_null = pipe.transformer.y_embedder.y_embedding[None, None]
+    args = pipe.model_args(1, setting)
+    with torch.inference_mode():
+        shifted = rflow_sample(pipe.transformer, pipe.scheduler, z, y, y_null, mask, args, num_steps=2, progress=False)
+        plain = rflow_sample(pipe.transformer, pipe.scheduler, z, y, y_null, mask, args, num_steps=2,
+                             use_timestep_transform=False, progress=False)
+    assert torch.equal(pipe.denoise(z, y, mask, setting, progress=False), plain)
+    assert not torch.allclose(plain, shifted)  # the setting changes the result
 
 
 def test_trained_model_follows_prompts_and_controls_fail(pipe):

@@ -7,8 +7,9 @@ Stages, each on the output of the one before, with a fixed seed and a progress b
 4. temporal VAE on the spatial latents of whole clips: MSE reconstruction + a small KL term;
 5. latent normalisation: ``shift`` / ``scale`` = per-channel mean / std of the training latents
    (upstream stores measured constants in the same buffers);
-6. STDiT3 with upstream's rectified-flow objective (v1.2 training config): logit-normal timesteps with the
-   resolution/length transform, ``x_t = (1 - t) x_0 + t noise``, velocity target ``x_0 - noise``,
+6. STDiT3 with upstream's rectified-flow objective (v1.2 training config): logit-normal timesteps, shifted
+   as the sampler shifts them (for the mini model not at all: ``utils.pipeline.TIMESTEP_TRANSFORM``),
+   ``x_t = (1 - t) x_0 + t noise``, velocity target ``x_0 - noise``,
    10 % caption dropout to the null caption (for classifier-free guidance), EMA weights saved.
 Weights go to ``data/mini-model/<component>/model.safetensors`` in the official layouts.
 """
@@ -32,7 +33,7 @@ from .benchmark import num_threads
 from .captions import append_score_to_prompts, text_preprocessing
 from .fingerprint import fingerprint
 from .minimodel import MINI_DIR, build_tokenizer, mini_setting, weights_id
-from .pipeline import AESTHETIC_SCORE
+from .pipeline import AESTHETIC_SCORE, TIMESTEP_TRANSFORM
 from .results import Record, make_config
 from .sampler import NUM_TIMESTEPS, shift_ratio
 from .stdit3 import STDIT3_PRESETS, build_stdit3
@@ -155,7 +156,7 @@ def noised(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tens
 
 
 def sample_timesteps(batch: int, ratio: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Upstream's training timesteps: logit-normal ``s`` in (0, 1), then ``timestep_transform``."""
+    """Upstream's training timesteps: logit-normal ``s`` in (0, 1), then ``timestep_transform`` (ratio 1: none)."""
     s = torch.sigmoid(torch.randn(batch, generator=gen))
     return ratio * s / (1 + (ratio - 1) * s) * NUM_TIMESTEPS
 
@@ -170,7 +171,9 @@ def train_transformer(model, latents: torch.Tensor, y: torch.Tensor, mask: torch
     optimiser, schedule = _optimise(model.parameters(), cfg.dit_lr, cfg.dit_steps, cfg.dit_warmup, cfg.dit_schedule)
     args = {k: torch.full((cfg.dit_batch,), float(v)) for k, v in dict(
         height=setting.height, width=setting.width, num_frames=setting.num_frames, fps=setting.fps).items()}
-    ratio = shift_ratio(args["height"][:1], args["width"][:1], args["num_frames"][:1])
+    # the sampler's shift (utils.pipeline.TIMESTEP_TRANSFORM), so training and sampling see the same timesteps
+    ratio = (shift_ratio(args["height"][:1], args["width"][:1], args["num_frames"][:1])
+             if TIMESTEP_TRANSFORM["mini"] else torch.ones(1))
     null = model.y_embedder.y_embedding  # [L, D] the fixed null caption
     losses = []
     bar = tqdm(_batches(len(latents), cfg.dit_batch, cfg.dit_steps, gen), total=cfg.dit_steps, desc="STDiT3",
@@ -271,7 +274,8 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict:
                   train_combinations=len(synthetic.TRAIN), held_out_combinations=len(synthetic.HELD_OUT),
                   losses=dict(spatial_vae=_loss_log(spatial_losses), temporal_vae=_loss_log(temporal_losses),
                               transformer=_loss_log(dit_losses)),
-                  latent_shift=shift.tolist(), latent_scale=scale.tolist(), weights_id=weights_id(out_dir),
+                  latent_shift=shift.tolist(), latent_scale=scale.tolist(),
+                  use_timestep_transform=TIMESTEP_TRANSFORM["mini"], weights_id=weights_id(out_dir),
                   environment_id=fingerprint()["environment_id"])
     (out_dir / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
