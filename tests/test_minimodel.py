@@ -13,7 +13,7 @@ from utils.quality import adherence, adherence_summary
 from utils.weights import CheckpointError
 
 # A third of the training combinations and every held-out one, one seed. On these the committed model
-# (weights d70ac51ac68b) gets all three attributes right in 60 % (train) and 47 % (held out) of clips and
+# (weights 7d4d8adc3c65) gets all three attributes right in 70 % (train) and 80 % (held out) of clips and
 # colour in all of them; the bounds leave room for another machine's reduction order, and controls must fail.
 TRAIN_CAPTIONS = synthetic.TRAIN[::3]  # 20 combinations
 HELD_OUT_CAPTIONS = synthetic.HELD_OUT
@@ -145,7 +145,7 @@ def test_trained_model_follows_prompts_and_controls_fail(pipe):
     finally:
         minimodel.restore(pipe.transformer, saved)
     assert trained["colour_accuracy"] >= 0.8 and held_out["colour_accuracy"] >= 0.7, (trained, held_out)
-    assert trained["all_correct"] >= 0.45 and held_out["all_correct"] >= 0.3, (trained, held_out)  # chance: 1/75
+    assert trained["all_correct"] >= 0.55 and held_out["all_correct"] >= 0.6, (trained, held_out)  # chance: 1/75
     assert unconditional["colour_accuracy"] <= 0.4 and unconditional["all_correct"] <= 0.05, unconditional
     assert scrambled["colour_accuracy"] <= 0.4 and scrambled["all_correct"] <= 0.1, scrambled
     assert score(pipe, TRAIN_CAPTIONS) == trained  # restored exactly
