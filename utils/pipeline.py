@@ -38,7 +38,8 @@ PIPELINE_PRESETS = {
 # upstream's RFLOW(use_timestep_transform=True) shifts the timesteps by r = sqrt(H*W / 512^2) * sqrt(T'); at the
 # mini model's 64x64, 17 frames r is 0.28, which moves training and sampling towards low noise, after the
 # object's shape and path are already laid out (1,500-step runs: 8 % all-correct with the shift, 31 % without,
-# issue 4's note). The mini model is trained and sampled without it, an option of upstream's scheduler config.
+# data/mini-model/timestep_shift_runs.json). The mini model is trained and sampled without it, an option of
+# upstream's scheduler config.
 TIMESTEP_TRANSFORM = {"opensora-v1.2": True, "tiny": True, "mini": False}
 TRAINED_MINI = "trained-mini"  # the weights of the "mini" preset trained here, in data/mini-model/
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
