@@ -12,16 +12,17 @@ PIP_EXTRA ?=
 PROFILE   ?= default
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 EXECUTED  := $(patsubst notebooks/%,build/$(PROFILE)/%,$(NOTEBOOKS))
-# what a measurement depends on: the pipeline and the measuring code (not the report, plots or readers)
-MEASURING := $(addprefix utils/,aspect.py benchmark.py captions.py ceilings.py fingerprint.py flops.py \
-    memory.py paths.py pipeline.py profiling.py results.py sampler.py stage_profile.py stages.py stdit3.py \
-    text_encoder.py vae.py vae_temporal.py weights.py) notebooks/profiles.json
-# what the quality notebook depends on besides (the trained mini model and the metrics)
-QUALITY   := $(addprefix utils/,minimodel.py noise_floor.py quality.py synthetic.py) \
-    $(wildcard data/mini-model/*/model.safetensors)
+# what every notebook's run depends on besides its code: the parameter profiles; the quality notebooks also
+# read the trained mini model
+PROFILES  := notebooks/profiles.json
+MINI_WEIGHTS := $(wildcard data/mini-model/*/model.safetensors)
 MINI_MODEL := notebooks/train_mini_model.ipynb
 # what the notebooks that only read records (90-99) depend on
-READING   := utils/cross_platform.py utils/results.py data/prices.csv $(wildcard data/results/*/*.json)
+READING   := utils/report/sections/s90_cross_platform.py utils/measure/results.py data/prices.csv \
+    $(wildcard data/results/*/*.json)
+# each notebook's code dependencies, derived from its imports (utils/imports.py; the report's modules are not
+# code a notebook runs); made again whenever a file under utils/ or a notebook changes
+NOTEBOOK_DEPS := build/notebook-deps.mk
 SMOKE     := build/smoke
 # `make arm-check`: Graviton profiles emulated with qemu-user (tools/arm-python.sh); ARM_STORE=1 keeps the
 # records in data/results (by default they go to build/arm/results)
@@ -61,15 +62,16 @@ smoke: env
 	$(BIN)/python -m utils.report --results $(SMOKE)/results --figures $(SMOKE)/figures --out $(SMOKE)/report
 
 # Notebooks run again only when they or what they depend on changed.
-build/$(PROFILE)/0%.ipynb: notebooks/0%.ipynb $(MEASURING) | env
+$(NOTEBOOK_DEPS): $(shell find utils -name '*.py') $(wildcard notebooks/*.ipynb)
+	@mkdir -p $(@D)
+	$(PYTHON) -m utils.imports make-deps > $@.tmp && mv $@.tmp $@
+-include $(NOTEBOOK_DEPS)
+
+build/$(PROFILE)/0%.ipynb: notebooks/0%.ipynb $(PROFILES) | env
 	$(BIN)/python -m utils.notebooks $< $@ --profile $(PROFILE)
 
-build/$(PROFILE)/03_quality_baseline.ipynb: $(QUALITY)
-build/$(PROFILE)/04_precision_threads_memory.ipynb: $(QUALITY) $(addprefix utils/,optimize.py tuning.py \
-    tuning_records.py onednn_probe.py)
-build/$(PROFILE)/05_attention.ipynb: $(addprefix utils/,optimize.py attention.py attention_bench.py rewrites.py)
-build/$(PROFILE)/06_int8.ipynb: $(QUALITY) $(addprefix utils/,optimize.py quantize.py quant_bench.py tuning.py \
-    tuning_records.py)
+build/$(PROFILE)/03_quality_baseline.ipynb build/$(PROFILE)/04_precision_threads_memory.ipynb \
+    build/$(PROFILE)/06_int8.ipynb: $(MINI_WEIGHTS)
 
 build/$(PROFILE)/9%.ipynb: notebooks/9%.ipynb $(READING) | env
 	$(BIN)/python -m utils.notebooks $< $@ --profile $(PROFILE)
@@ -100,7 +102,7 @@ tensorboard: env
 arm-check:
 	tools/arm-python.sh --setup
 	@failed=""; for profile in $(ARM_PROFILES); do \
-	    ARM_PROFILE=$$profile ARM_STORE=$(ARM_STORE) tools/arm-python.sh -m utils.arm_check || failed="$$failed $$profile"; \
+	    ARM_PROFILE=$$profile ARM_STORE=$(ARM_STORE) tools/arm-python.sh -m utils.experiments.arm_check || failed="$$failed $$profile"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "arm-check: failed on$$failed"; exit 1; fi; echo "arm-check: $(ARM_PROFILES) passed"
 

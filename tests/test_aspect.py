@@ -1,7 +1,7 @@
 """Resolution, aspect-ratio and frame-count tables (upstream opensora/datasets/aspect.py)."""
 import pytest
 
-from utils import aspect
+from utils.model import aspect
 
 
 @pytest.mark.parametrize("resolution,ratio,size", [

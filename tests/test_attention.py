@@ -6,12 +6,21 @@ import json
 
 import pytest
 import torch
-
 from conftest import prefixed
-from utils import attention as attn
-from utils.attention import AttentionShape, model_shapes, peak_bytes
-from utils.attention_bench import exact, make_cases, make_inputs, run, store_best_table, best_entries
-from utils.stdit3 import build_stdit3
+
+from utils.experiments.e05_attention import (
+    best_entries,
+    exact,
+    kernel_records,
+    make_cases,
+    make_inputs,
+    run,
+    store_best_table,
+)
+from utils.measure.benchmark import TimingPolicy
+from utils.model.stdit3 import build_stdit3
+from utils.optim import attention as attn
+from utils.optim.attention import AttentionShape, model_shapes, peak_bytes
 
 FP32 = 1e-5
 BF16 = 3e-2
@@ -218,17 +227,20 @@ def test_sdpa_kernels_are_recorded():
 
 
 def test_benchmark_plans_measures_derives_and_skips():
-    from utils.pipeline import load_pipeline
+    from utils.model.pipeline import load_pipeline
 
     pipe = load_pipeline("tiny", dtype="fp32", load=())
     cases = make_cases(pipe, ["144p"], "9:16", [17], ["fp32"], caption_length=3,
                        variants={"spatial": ("sdpa", "bmm"), "temporal": ("bmm",), "cross": ("trimmed", "sdpa_nomask")})
-    rows = list(run(cases, warmup=1, repeats=1, threads=1, max_call_s=1e-4, max_gib=1.0, skip_s=10.0))
+    policy = TimingPolicy(warmup=1, repeats=1, threads=1)
+    rows = list(run(cases, policy, max_call_s=1e-4, max_gib=1.0, skip_s=10.0))
     assert len(rows) == len(cases) and {r["status"] for r in rows} <= {"measured", "derived"}
     assert all(r["seconds"] > 0 and r["accuracy"]["rel_l2_error_vs_fp64"] < FP32 for r in rows
                if r["case"].variant != "sdpa_nomask")
     assert any(r["status"] == "derived" for r in rows)  # the tiny time cap forces partial measurements
-    skipped = list(run(cases[:1], warmup=1, repeats=1, threads=1, max_call_s=1e-4, max_gib=1.0, skip_s=0.0))
+    skipped = list(run(cases[:1], policy, max_call_s=1e-4, max_gib=1.0, skip_s=0.0))
     assert skipped[0]["status"] == "skipped" and skipped[0]["reason"]
+    records = kernel_records(rows + skipped, "tiny", "9:16", 1)
+    assert {r.metric for r in records} == {"predicted_peak_bytes", "seconds", "peak_rss_increase_bytes", "skipped"}
     entries = best_entries(rows, "e", 1)
     assert {e["attention"] for e in entries} <= {"spatial"} and all(e["best"] in ("sdpa", "bmm") for e in entries)

@@ -7,9 +7,10 @@ import sys
 import numpy as np
 import pytest
 
-from utils import generate, memory
+from utils import generate, io
+from utils.model import memory
+from utils.model.video import read_mp4
 from utils.paths import REPO
-from utils.video import read_mp4
 
 TINY = ["--model", "tiny", "--prompt", "a red circle moving left", "--resolution", "144p",
         "--aspect-ratio", "9:16", "--num-frames", "17", "--steps", "2", "--dtype", "fp32"]
@@ -91,7 +92,7 @@ def test_incomplete_weights_folder_exits_2(tmp_path, capsys):
 
 
 def test_not_enough_memory_exits_2_before_building(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 8 * memory.GIB)
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 8 * io.GIB)
     args = [*_with("--model", "opensora-v1.2"), "--dtype", "bf16", "--out", str(tmp_path / "clip.mp4")]
     assert generate.main(args) == 2
     err = capsys.readouterr().err

@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from utils import cross_platform, gpu_bench
-from utils.results import Record, ResultsStore, load_environments, load_records, make_config
+from utils.experiments import gpu_bench
+from utils.measure.results import Record, ResultsStore, load_environments, load_records, make_config
+from utils.report.sections import s90_cross_platform as cross_platform
 
 
 def _store(tmp_path, notebook, environment_id, device_name):

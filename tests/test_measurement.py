@@ -5,12 +5,13 @@ import time
 import pytest
 import torch
 
-from utils import benchmark, results
-from utils.benchmark import measure, num_threads
-from utils.flops import count_flops
+from utils import io
+from utils.measure import benchmark
+from utils.measure.benchmark import TimingPolicy, measure, num_threads
+from utils.measure.flops import count_flops
+from utils.measure.results import Record, ResultsStore, SchemaError, load_records, validate
+from utils.model.stdit3 import build_stdit3
 from utils.paths import UPSTREAM
-from utils.results import Record, ResultsStore, SchemaError, load_records, validate
-from utils.stdit3 import build_stdit3
 
 CONFIG = dict(model="tiny", weights="random", resolution="144p", aspect_ratio="9:16", frames=17, steps=2,
               dtype="fp32", threads=1)
@@ -19,8 +20,8 @@ CONFIG = dict(model="tiny", weights="random", resolution="144p", aspect_ratio="9
 def test_timer_structure_and_ordering():
     calls = []
     # no busy retries here (a neighbour on the CPU would add calls); they are tested below
-    timing = measure(lambda: (calls.append(1), time.sleep(0.01)), warmup=2, repeats=4, threads=1,
-                     busy_threshold=float("inf"))
+    timing = measure(lambda: (calls.append(1), time.sleep(0.01)),
+                     policy=TimingPolicy(warmup=2, repeats=4, threads=1, busy_threshold=float("inf")))
     assert len(calls) == 1 + 1 + 4  # first call (also a warm-up), one more warm-up, four timed
     assert len(timing.times_s) == 4 and timing.threads == 1
     assert timing.min_s <= timing.median_s <= timing.max_s
@@ -33,7 +34,7 @@ def test_timer_structure_and_ordering():
 def test_thread_count_is_set_and_restored():
     before = torch.get_num_threads()
     seen = []
-    measure(lambda: seen.append(torch.get_num_threads()), warmup=1, repeats=1, threads=1, busy_wait_s=0)
+    measure(lambda: seen.append(torch.get_num_threads()), policy=TimingPolicy(repeats=1, threads=1, busy_wait_s=0))
     assert set(seen) == {1} and torch.get_num_threads() == before
     with num_threads(None):
         assert torch.get_num_threads() == before
@@ -42,7 +43,7 @@ def test_thread_count_is_set_and_restored():
 def test_busy_windows_are_retried_then_flagged(monkeypatch):
     readings = iter([0.9, 0.05, 0.9, 0.9])  # call 1: busy then quiet; call 2: busy twice (limit 1 retry)
     monkeypatch.setattr(benchmark.CpuWatch, "stop", lambda self: next(readings))
-    timing = measure(lambda: None, warmup=1, repeats=2, max_busy_retries=1, busy_wait_s=0)
+    timing = measure(lambda: None, policy=TimingPolicy(repeats=2, busy_retries=1, busy_wait_s=0))
     assert timing.busy_retries == 2
     assert timing.other_cpu == [0.05, 0.9]
     assert not timing.quiet
@@ -109,7 +110,7 @@ def test_interrupted_write_leaves_earlier_records(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("interrupted mid-write")
 
-    monkeypatch.setattr(results.json, "dump", crash)
+    monkeypatch.setattr(io.os, "fsync", crash)  # the new file is written, not yet renamed over the old
     with pytest.raises(KeyboardInterrupt):
         store.add(_record(2.0, stage="decode"))
     assert store.path.read_text() == before
@@ -149,3 +150,15 @@ def test_real_stdit3_flops_match_upstream_count():
                 height=torch.tensor([240.0] * 2), width=torch.tensor([426.0] * 2))
     _, flops = count_flops(model, x, torch.empty(2, device="meta"), **args)
     assert abs(flops / 1e12 - table["dit_forward_cfg_batch2_TFLOP"]) < 0.005 * table["dit_forward_cfg_batch2_TFLOP"]
+
+
+def test_timing_policy_checks_and_derives():
+    with pytest.raises(ValueError, match="repeats must be at least 1"):
+        TimingPolicy(repeats=0)
+    with pytest.raises(ValueError, match="at least 0"):
+        TimingPolicy(busy_retries=-1)
+    policy = TimingPolicy(warmup=2, repeats=3, threads=2)
+    assert policy.with_(repeats=1) == TimingPolicy(warmup=2, repeats=1, threads=2) and policy.repeats == 3
+    spec = dict(threads=1, repeats=4, busy_retries=0, model="tiny")  # a fresh-process task's spec
+    assert TimingPolicy.from_spec(spec, repeats=9, warmup=3) == TimingPolicy(warmup=3, repeats=4, threads=1,
+                                                                              busy_retries=0)

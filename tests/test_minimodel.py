@@ -5,12 +5,14 @@ import json
 import pytest
 import torch
 
-from utils import minimodel, minitrain, synthetic
-from utils.noise_floor import perturb_weights, restore_weights
-from utils.pipeline import TIMESTEP_TRANSFORM, load_pipeline
-from utils.sampler import rflow_sample
-from utils.quality import adherence, adherence_summary
-from utils.weights import CheckpointError
+from utils.model import weights
+from utils.model.pipeline import TIMESTEP_TRANSFORM, load_pipeline
+from utils.model.sampler import rflow_sample
+from utils.model.weights import CheckpointError
+from utils.testbed import minimodel, synthetic
+from utils.testbed import training as minitrain
+from utils.testbed.adherence import adherence, adherence_summary
+from utils.testbed.noise_floor import perturb_weights, restore_weights
 
 # A third of the training combinations and every held-out one, one seed. On these the committed model
 # (weights 7d4d8adc3c65) gets all three attributes right in 70 % (train) and 80 % (held out) of clips and
@@ -41,16 +43,16 @@ def test_tokenizer_covers_every_caption_without_unknown_words(pipe):
 
 
 def test_committed_weights_load_strictly_and_record_how_they_were_made():
-    record = json.loads((minimodel.MINI_DIR / "training.json").read_text())
+    record = json.loads((weights.MINI_DIR / "training.json").read_text())
     assert record["config"]["dit_steps"] > 0 and record["seconds"]["total"] > 0
     with pytest.raises(ValueError, match="belong to the 'mini' preset"):
         load_pipeline("tiny", weights="trained-mini")
 
 
 def test_a_mismatched_checkpoint_is_refused(tmp_path):
-    for component, folder in minimodel.component_dirs(tmp_path).items():
+    for component, folder in weights.component_dirs(tmp_path).items():
         folder.mkdir(parents=True)
-        source = minimodel.MINI_DIR / component
+        source = weights.MINI_DIR / component
         for file in source.iterdir():
             (folder / file.name).write_bytes(file.read_bytes())
     from safetensors.torch import load_file, save_file
@@ -63,19 +65,19 @@ def test_a_mismatched_checkpoint_is_refused(tmp_path):
 
 
 def test_weights_id_tells_weights_apart(tmp_path):
-    for component, folder in minimodel.component_dirs(tmp_path).items():
+    for component, folder in weights.component_dirs(tmp_path).items():
         folder.mkdir(parents=True)
-        for file in (minimodel.MINI_DIR / component).iterdir():
+        for file in (weights.MINI_DIR / component).iterdir():
             (folder / file.name).write_bytes(file.read_bytes())
-    committed = minimodel.weights_id()
-    assert len(committed) == 12 and minimodel.weights_id(tmp_path) == committed  # content, not location
-    weights = tmp_path / "vae" / "model.safetensors"
-    data = bytearray(weights.read_bytes())
+    committed = weights.weights_id()
+    assert len(committed) == 12 and weights.weights_id(tmp_path) == committed  # content, not location
+    vae_file = tmp_path / "vae" / "model.safetensors"
+    data = bytearray(vae_file.read_bytes())
     data[-1] ^= 1  # one bit of one parameter
-    weights.write_bytes(bytes(data))
-    assert minimodel.weights_id(tmp_path) != committed
-    weights.unlink()
-    assert minimodel.weights_id(tmp_path) is None
+    vae_file.write_bytes(bytes(data))
+    assert weights.weights_id(tmp_path) != committed
+    vae_file.unlink()
+    assert weights.weights_id(tmp_path) is None
     assert minimodel.quality_config("mini", "trained-mini", 30, 1)["mini_weights"] == committed
     assert "mini_weights" not in minimodel.quality_config("tiny", "random", 2, 1)
 
@@ -95,7 +97,7 @@ def test_training_code_runs_end_to_end_and_its_output_loads(tmp_path):
     assert torch.equal(trained.vae.scale.flatten(), torch.tensor(record["latent_scale"]))
     records = minitrain.training_records(record)
     assert {r.metric for r in records} == {"training_seconds", "final_loss"}
-    assert {r.config["mini_weights"] for r in records} == {minimodel.weights_id(tmp_path)}
+    assert {r.config["mini_weights"] for r in records} == {weights.weights_id(tmp_path)}
 
 
 def test_learning_rate_schedules():
@@ -121,7 +123,7 @@ def test_training_timesteps_follow_upstreams_transform():
 def test_mini_model_trains_and_samples_without_the_resolution_shift(pipe):
     # at 64 px upstream's shift would be r = 0.28; the mini model is trained and sampled without it
     assert pipe.use_timestep_transform is False and TIMESTEP_TRANSFORM["opensora-v1.2"] is True
-    assert json.loads((minimodel.MINI_DIR / "training.json").read_text())["use_timestep_transform"] is False
+    assert json.loads((weights.MINI_DIR / "training.json").read_text())["use_timestep_transform"] is False
     setting = minimodel.mini_setting(steps=2)
     y, mask = pipe.encode_prompt([synthetic.TRAIN[0].caption])
     z = pipe.prepare_latents(1, setting)

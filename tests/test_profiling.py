@@ -3,12 +3,19 @@ import json
 
 import pytest
 import torch
+from conftest import prefixed
 from torch import nn
 
-from conftest import prefixed
-from utils.profiling import OP_CLASSES, STDIT3_GROUPS, class_table, classify_op, module_breakdown, op_table, \
-    profile_stage
-from utils.stdit3 import build_stdit3
+from utils.measure.profiling import (
+    OP_CLASSES,
+    STDIT3_GROUPS,
+    class_table,
+    classify_op,
+    module_breakdown,
+    op_table,
+    profile_stage,
+)
+from utils.model.stdit3 import build_stdit3
 
 EXPECTED_CLASSES = {
     "matmul": ["aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul", "aten::baddbmm",

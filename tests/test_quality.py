@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.quality import adherence, adherence_summary, detect, fidelity, flicker, latent_errors, psnr, ssim
-from utils.synthetic import ALL_COMBINATIONS, Attributes, make_dataset, render_clip
-
+from utils.measure.fidelity import fidelity, flicker, latent_errors, psnr, ssim
+from utils.testbed.adherence import adherence, adherence_summary, detect
+from utils.testbed.synthetic import ALL_COMBINATIONS, Attributes, make_dataset, render_clip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""INT8 post-training quantisation (``utils.quantize``) against the float baseline.
+"""INT8 post-training quantisation (``utils.optim.quantize``) against the float baseline.
 
 Stated bounds:
 - one quantised Linear stack on Gaussian inputs, relative L2 error against float: w8a8_dynamic < 3 %,
@@ -17,10 +17,13 @@ import pytest
 import torch
 from torch import nn
 
-from utils import minimodel, optimize, quantize, synthetic
-from utils.pipeline import VideoSetting, load_pipeline
-from utils.quality import adherence, adherence_summary
-from utils.stdit3 import build_stdit3
+from utils.model import weights
+from utils.model.pipeline import VideoSetting, load_pipeline
+from utils.model.stdit3 import build_stdit3
+from utils.optim import quantize, registry
+from utils.report import render
+from utils.testbed import minimodel, synthetic
+from utils.testbed.adherence import adherence, adherence_summary
 
 BOUNDS = {"w8a8_dynamic": 0.03, "w8a8_dynamic_ao": 0.05, "w8a8_static": 0.05, "w8_weight_only": 0.015}
 SETTING = VideoSetting.create("144p", "9:16", 17, steps=2)
@@ -99,7 +102,7 @@ def reference(one_thread):
 
 
 def test_pipeline_step_bound_classes_and_reload(reference):
-    pipe = optimize.apply(load_pipeline("tiny", dtype="fp32", load=()), {"quantize": {"scheme": "w8a8_dynamic"}})
+    pipe = registry.apply(load_pipeline("tiny", dtype="fp32", load=()), {"quantize": {"scheme": "w8a8_dynamic"}})
     pipe.load("transformer")
     model = pipe.transformer
     assert quantize.is_quantized(model.spatial_blocks[0].mlp.fc1)
@@ -115,7 +118,7 @@ def test_pipeline_step_bound_classes_and_reload(reference):
 
 
 def test_torch_ao_path_swaps_and_restores(reference):
-    pipe = optimize.apply(load_pipeline("tiny", dtype="fp32", load=()), {"quantize": {"scheme": "w8a8_dynamic_ao"}})
+    pipe = registry.apply(load_pipeline("tiny", dtype="fp32", load=()), {"quantize": {"scheme": "w8a8_dynamic_ao"}})
     pipe.load("transformer")
     fc1 = pipe.transformer.spatial_blocks[0].mlp.fc1
     assert type(fc1).__module__.startswith("torch.ao.nn.quantized")
@@ -132,7 +135,7 @@ def test_static_calibration_from_captured_inputs(reference, tmp_path):
                                    tmp_path / "calibration.pt", progress=False)
     calls = torch.load(path, weights_only=False)
     assert len(calls) == SETTING.steps and calls[0][0][0].shape[0] == 2  # one CFG call per step
-    pipe = optimize.apply(load_pipeline("tiny", dtype="fp32", load=()),
+    pipe = registry.apply(load_pipeline("tiny", dtype="fp32", load=()),
                           {"quantize": {"scheme": "w8a8_static", "calibration": str(path)}})
     pipe.load("transformer")
     fc1 = pipe.transformer.spatial_blocks[0].mlp.fc1.weight
@@ -144,16 +147,16 @@ def test_static_calibration_from_captured_inputs(reference, tmp_path):
 def test_bad_input_fails_early(tmp_path):
     pipe = load_pipeline("tiny", dtype="fp32", load=())
     with pytest.raises(ValueError, match="accepted: w8a8_dynamic, w8a8_dynamic_ao"):
-        optimize.apply(pipe, {"quantize": {"scheme": "int3"}})
+        registry.apply(pipe, {"quantize": {"scheme": "int3"}})
     with pytest.raises(ValueError, match="cannot quantise the vae.*convolutions"):
-        optimize.apply(pipe, {"quantize": {"component": "vae"}})
+        registry.apply(pipe, {"quantize": {"component": "vae"}})
     with pytest.raises(ValueError, match="unknown or empty layer classes.*accepted: spatial_attn"):
-        optimize.apply(pipe, {"quantize": {"classes": ["attention"]}})
+        registry.apply(pipe, {"quantize": {"classes": ["attention"]}})
     with pytest.raises(FileNotFoundError, match="calibration file written by capture_inputs"):
-        optimize.apply(pipe, {"quantize": {"scheme": "w8a8_static", "calibration": str(tmp_path / "none.pt")}})
+        registry.apply(pipe, {"quantize": {"scheme": "w8a8_static", "calibration": str(tmp_path / "none.pt")}})
     if not torch.backends.kleidiai.is_available():
         with pytest.raises(ValueError, match="KleidiAI"):
-            optimize.apply(pipe, {"quantize": {"scheme": "w4a8_dynamic"}})
+            registry.apply(pipe, {"quantize": {"scheme": "w4a8_dynamic"}})
     assert pipe.optimizations == {} and pipe.load_hooks == []  # nothing half-applied
 
 
@@ -174,14 +177,14 @@ def test_quantised_state_saves_and_reloads(reference):
 
 
 def test_quantised_mini_model_keeps_adherence(one_thread):
-    if not minimodel.weights_present():
+    if not weights.weights_present():
         pytest.skip("the trained mini model is not in data/mini-model")
     pipe = load_pipeline("mini", weights="trained-mini", dtype="fp32")
     captions = list(synthetic.HELD_OUT) + list(synthetic.TRAIN[::3])
     tables = {}
     for name in ("fp32", "w8a8_dynamic"):
         if name != "fp32":
-            optimize.apply(pipe, {"quantize": {"scheme": name}})
+            registry.apply(pipe, {"quantize": {"scheme": name}})
         video, _ = minimodel.generate(pipe, captions, seed=0)
         tables[name] = adherence(video, captions)
     fp32, int8 = (adherence_summary(t) for t in tables.values())
@@ -193,8 +196,7 @@ def test_quantised_mini_model_keeps_adherence(one_thread):
 
 
 def test_int8_section_recommends_from_records(tmp_path):
-    from utils import report
-    from utils.results import Record, ResultsStore, make_config
+    from utils.measure.results import Record, ResultsStore, make_config
 
     store = ResultsStore("06_int8", root=tmp_path / "results")
     model = dict(model="opensora-v1.2", weights="random", resolution="144p", aspect_ratio="9:16", frames=17, steps=30,
@@ -213,19 +215,19 @@ def test_int8_section_recommends_from_records(tmp_path):
     for name, all_correct in (("fp32", 0.30), ("w8a8_dynamic", 0.2867), ("w8a8_static", 0.15)):
         for split in ("train", "held_out"):
             config = make_config(**model | dict(model="mini", weights="trained-mini", resolution="64px"),
-                                 experiment="adherence", split=split, mini_weights=minimodel.weights_id())
+                                 experiment="adherence", split=split, mini_weights=weights.weights_id())
             store.add(Record(variant=name, stage="adherence", metric="adherence_all_correct", unit="fraction",
                              value=all_correct, spread={"n": 60}, config=config))
     store.add(Record(variant="w8a8_dynamic_ao", stage="total", metric="not_run", unit="", value=1.0,
                      config=make_config(**model, experiment="variants"), note="not run: killed by signal 9"))
-    from utils.report_int8 import sensitivity_records
+    from utils.experiments.e06_int8 import sensitivity_records
     sensitivity = {"real": {"mlp": (0.01, 600e6), "embedders": (0.03, 17e6), "blocks": (0.02, 1.2e9), "all": (0.05, 1.2e9)},
                    "mini": {"mlp": (0.02, 1e6), "embedders": (0.01, 0.2e6), "blocks": (0.03, 2e6), "all": (0.04, 2.3e6)}}
     for label, groups in sensitivity.items():
         rows = [{"group": g, "relative_l2": e, "cosine": 1 - e, "layers": 1, "parameters": n, "classes": [g]}
                 for g, (e, n) in groups.items()]
         store.add(*sensitivity_records(rows, label, make_config(**model), "w8a8_dynamic"))
-    markdown = report.render(results_root=tmp_path / "results", figures_dir=tmp_path / "figures",
+    markdown = render.render(results_root=tmp_path / "results", figures_dir=tmp_path / "figures",
                              out_dir=tmp_path / "report")[0].read_text()
     section = markdown[markdown.index("## INT8 post-training quantisation"):markdown.index("## aarch64 functional")]
     # each model ranks by its own error and counts its own parameters
@@ -242,12 +244,12 @@ def test_int8_section_recommends_from_records(tmp_path):
 
 
 def test_composes_with_bf16_and_the_rewrites(reference):
-    from utils.rewrites import MODEL_REWRITES, REWRITES
+    from utils.optim.rewrites import MODEL_REWRITES, REWRITES
 
     rewrites = {name: REWRITES[name] for name in MODEL_REWRITES}
     latents = {}
     for name, extra in (("alone", {}), ("rewritten", rewrites)):
-        pipe = optimize.apply(load_pipeline("tiny", dtype="fp32", load=()),
+        pipe = registry.apply(load_pipeline("tiny", dtype="fp32", load=()),
                               {"bf16": {}, "quantize": {"scheme": "w8a8_dynamic"}} | extra)
         pipe.load("transformer")
         latents[name] = pipe.denoise(reference["z"], reference["y"], reference["mask"], SETTING, progress=False)
@@ -259,7 +261,7 @@ def test_composes_with_bf16_and_the_rewrites(reference):
 def test_compiled_int8_matches_eager(reference):
     latents = {}
     for name, extra in (("eager", {}), ("compiled", {"compile": {}})):
-        pipe = optimize.apply(load_pipeline("tiny", dtype="fp32", load=()),
+        pipe = registry.apply(load_pipeline("tiny", dtype="fp32", load=()),
                               {"quantize": {"scheme": "w8a8_dynamic"}} | extra)
         pipe.load("transformer")
         latents[name] = pipe.denoise(reference["z"], reference["y"], reference["mask"], SETTING, progress=False)

@@ -5,12 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from utils import report
-from utils.minimodel import quality_config
 from utils.fingerprint import fingerprint
-from utils.pipeline import STAGES
-from utils.profiling import OP_CLASSES
-from utils.results import Record, ResultsStore, load_records, make_config
+from utils.measure.profiling import OP_CLASSES
+from utils.measure.results import Record, ResultsStore, load_records, make_config
+from utils.model.pipeline import STAGES
+from utils.report import render as renderer
+from utils.report.sections import s02_stage_profile
+from utils.testbed.minimodel import quality_config
 
 DENOISE_STEP_S = 123.456  # distinctive: the report must show it as "123"
 MODEL = dict(model="opensora-v1.2", weights="random", resolution="144p", aspect_ratio="9:16", frames=51, steps=30,
@@ -88,7 +89,7 @@ def build_store(root: Path, denoise_step_s: float = DENOISE_STEP_S) -> None:
 
 
 def render(tmp_path: Path, root: Path):
-    return report.render(results_root=root, figures_dir=tmp_path / "figures", out_dir=tmp_path / "report")
+    return renderer.render(results_root=root, figures_dir=tmp_path / "figures", out_dir=tmp_path / "report")
 
 
 def table_row(markdown: str, label: str) -> list[str]:
@@ -163,7 +164,7 @@ def test_numbers_come_from_records(rendered, tmp_path):
 
 def test_bottlenecks_rank_and_shares(rendered):
     tmp_path, _, _ = rendered
-    table = report.bottlenecks(load_records(tmp_path / "results"))
+    table = s02_stage_profile.bottlenecks(load_records(tmp_path / "results"))
     assert list(table["rank"]) == list(range(1, len(table) + 1))
     assert table["share"].is_monotonic_decreasing
     assert table["share"].iloc[0] == table["share"].max()
@@ -191,7 +192,7 @@ def test_several_environments_and_unknown_one(rendered, tmp_path):
     markdown = render(tmp_path, root)[0].read_text()
     assert f"{primary.stem} (primary)" in markdown and "Graviton test" in markdown
     with pytest.raises(ValueError, match="accepted"):
-        report.render(results_root=root, figures_dir=tmp_path / "f", out_dir=tmp_path / "r", environment_id="nope")
+        renderer.render(results_root=root, figures_dir=tmp_path / "f", out_dir=tmp_path / "r", environment_id="nope")
 
 
 def test_arm_section_from_emulated_records(tmp_path, monkeypatch):

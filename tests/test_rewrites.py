@@ -5,14 +5,25 @@ without them (the rewrites round once where bf16 upstream rounds two or three ti
 are unchanged after every step."""
 import pytest
 import torch
-
 from conftest import prefixed
-from utils import optimize
-from utils.pipeline import COMPONENTS, VideoSetting, load_pipeline
-from utils.rewrites import (REWRITES, cache_text_kv, clear_caches, compare, fuse_modulate, fuse_rope, modulated_norm,
-                            pair_inputs, pair_model, rewrite_model, synthetic_caption, vae_channels_last)
-from utils.sampler import make_scheduler, rflow_sample
-from utils.stdit3 import build_stdit3
+
+from utils.experiments.e05_attention import pair_inputs, pair_model, synthetic_caption
+from utils.measure.fidelity import compare
+from utils.model.pipeline import VideoSetting, load_pipeline
+from utils.model.sampler import make_scheduler, rflow_sample
+from utils.model.stdit3 import build_stdit3
+from utils.model.weights import COMPONENTS
+from utils.optim import registry
+from utils.optim.rewrites import (
+    REWRITES,
+    cache_text_kv,
+    clear_caches,
+    fuse_modulate,
+    fuse_rope,
+    modulated_norm,
+    rewrite_model,
+    vae_channels_last,
+)
 
 FP32 = 1e-5
 BF16_REL_L2 = 3e-2
@@ -51,7 +62,7 @@ def baseline(caption):
 @pytest.mark.parametrize("name", TRANSFORMER_STEPS)
 def test_each_transformer_rewrite_matches_the_baseline(name, caption, baseline):
     pipe = load_pipeline("tiny", dtype="fp32", load=("transformer",))
-    optimize.apply(pipe, {name: REWRITES[name]})
+    registry.apply(pipe, {name: REWRITES[name]})
     assert pipe.optimizations == {name: REWRITES[name]}
     assert keys(pipe) == baseline["keys"]
     latents = denoised(pipe, caption)
@@ -63,7 +74,7 @@ def test_each_transformer_rewrite_matches_the_baseline(name, caption, baseline):
 @pytest.mark.parametrize("parts", [("spatial",), ("spatial", "temporal")])
 def test_vae_channels_last_matches_the_baseline_and_survives_reload(parts, baseline):
     pipe = load_pipeline("tiny", dtype="fp32", load=("vae",))
-    optimize.apply(pipe, {"vae_channels_last": {"parts": parts}})
+    registry.apply(pipe, {"vae_channels_last": {"parts": parts}})
     assert keys(pipe) == baseline["keys"]
     conv = pipe.vae.spatial_vae.module.decoder.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
@@ -76,7 +87,7 @@ def test_vae_channels_last_matches_the_baseline_and_survives_reload(parts, basel
 
 def test_all_rewrites_together_end_to_end(caption, baseline):
     pipe = load_pipeline("tiny", dtype="fp32", load=("transformer", "vae"))
-    optimize.apply(pipe, REWRITES)
+    registry.apply(pipe, REWRITES)
     assert keys(pipe) == baseline["keys"]
     latents = denoised(pipe, caption)
     assert relative(latents, baseline["latents"]) < FP32
@@ -85,9 +96,9 @@ def test_all_rewrites_together_end_to_end(caption, baseline):
 
 def test_rewrites_compose_with_bf16(caption):
     plain = load_pipeline("tiny", dtype="fp32", load=("transformer", "vae"))
-    optimize.apply(plain, {"bf16": {"components": ["transformer", "vae"]}})
+    registry.apply(plain, {"bf16": {"components": ["transformer", "vae"]}})
     rewritten = load_pipeline("tiny", dtype="fp32", load=("transformer", "vae"))
-    optimize.apply(rewritten, REWRITES | {"bf16": {"components": ["transformer", "vae"]}})
+    registry.apply(rewritten, REWRITES | {"bf16": {"components": ["transformer", "vae"]}})
     assert list(rewritten.optimizations)[0] == "bf16"  # the registry's order, whatever the dict's
     assert keys(rewritten) == keys(plain)
     assert rewritten.transformer.dtype == torch.bfloat16
@@ -118,8 +129,8 @@ def test_cache_text_kv_projects_once_per_caption(tiny, stdit3_reference):
     other_expected = sample(tiny, inputs["y"] + 1)
     calls = []
     linear_forward = torch.nn.Linear.forward
-    cache_text_kv(tiny)
     torch.nn.Linear.forward = lambda self, x: calls.append(self) or linear_forward(self, x)
+    cache_text_kv(tiny)  # after: a hook calls the forward the module had when it was registered
     try:
         out = sample(tiny, inputs["y"])
         kv_calls = sum(c is tiny.spatial_blocks[0].cross_attn.kv_linear for c in calls)
@@ -129,17 +140,21 @@ def test_cache_text_kv_projects_once_per_caption(tiny, stdit3_reference):
     assert kv_calls == 1, "K/V of the caption recomputed at a later step"
     assert torch.equal(out, expected) and torch.equal(other, other_expected)
     assert (out - tensors["case3.output"]).abs().max() < 1e-5
+    memos = [m._diffusers_hook.get_hook("cache_text_kv").memo for m in tiny.modules() if hasattr(m, "_diffusers_hook")]
+    assert len(memos) == 5 and all(memos)  # the hooks on y_embedder and on each block's kv_linear
     clear_caches(tiny)
-    assert all(not cache for cache in tiny._rewrite_caches)
+    assert not any(memos)
 
 
 def test_caches_are_emptied_when_the_transformer_changes(caption):
     pipe = load_pipeline("tiny", dtype="fp32", load=("transformer",))
-    optimize.apply(pipe, {"cache_text_kv": {}, "fused_rope": {}})
+    registry.apply(pipe, {"cache_text_kv": {}, "fused_rope": {}})
     denoised(pipe, caption)
-    assert any(pipe.transformer._rewrite_caches)
+    memos = [hook.memo for m in pipe.transformer.modules() if hasattr(m, "_diffusers_hook")
+             for hook in m._diffusers_hook.hooks.values()]  # the caption's projections, the RoPE tables
+    assert memos and all(memos)
     pipe.release("transformer")
-    assert not any(pipe.transformer._rewrite_caches)
+    assert not any(memos)
 
 
 @pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-6), (torch.bfloat16, 2**-7)])

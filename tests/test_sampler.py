@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
+from utils.model.sampler import make_scheduler, rflow_sample, rflow_timesteps, set_rflow_timesteps
 from utils.paths import UPSTREAM
-from utils.sampler import make_scheduler, rflow_sample, rflow_timesteps, set_rflow_timesteps
 
 TABLE = json.loads((UPSTREAM / "opensora_v1_2_rflow_timesteps.json").read_text())
 

@@ -1,11 +1,11 @@
 """Stage-by-stage measurement on the tiny pipeline: structure, one-model-at-a-time, FLOP counts."""
 import pytest
-import torch
 
-from utils.flops import count_flops
+from utils.measure.flops import count_flops
+from utils.measure.stages import derived_video_seconds, measure_stages, record_config, stage_flops
+from utils.model.pipeline import STAGES, VideoSetting, load_pipeline
+from utils.model.weights import COMPONENTS
 from utils.notebooks import profile_parameters
-from utils.pipeline import COMPONENTS, STAGES, VideoSetting, load_pipeline
-from utils.stages import derived_video_seconds, measure_stages, record_config, stage_flops
 
 
 @pytest.fixture(scope="module")

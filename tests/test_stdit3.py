@@ -1,11 +1,11 @@
 """STDiT3 against upstream numerics (the shared tiny fixture) and the real checkpoint's manifest."""
 import pytest
 import torch
-
 from conftest import prefixed
-from utils.sampler import make_scheduler, rflow_sample
-from utils.stdit3 import STDIT3_PRESETS, build_stdit3, config_from_dict
-from utils.weights import read_manifest, state_dict_shapes
+
+from utils.model.sampler import make_scheduler, rflow_sample
+from utils.model.stdit3 import STDIT3_PRESETS, build_stdit3, config_from_dict
+from utils.model.weights import read_manifest, state_dict_shapes
 
 ATOL = 1e-5
 

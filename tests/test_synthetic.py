@@ -4,9 +4,21 @@ import itertools
 import pytest
 import torch
 
-from utils import synthetic
-from utils.synthetic import (ALL_COMBINATIONS, BACKGROUND, COLOURS, HELD_OUT, MOTIONS, NUM_FRAMES, SHAPES, SIZE,
-                             TRAIN, Attributes, make_dataset, render_clip)
+from utils.testbed import synthetic
+from utils.testbed.synthetic import (
+    ALL_COMBINATIONS,
+    BACKGROUND,
+    COLOURS,
+    HELD_OUT,
+    MOTIONS,
+    NUM_FRAMES,
+    SHAPES,
+    SIZE,
+    TRAIN,
+    Attributes,
+    make_dataset,
+    render_clip,
+)
 
 BACKGROUND_VALUE = torch.tensor(BACKGROUND, dtype=torch.float32) / 127.5 - 1  # [3]
 

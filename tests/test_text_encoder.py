@@ -5,10 +5,10 @@ import pytest
 import sentencepiece
 import torch
 
-from utils import text_encoder as te
-from utils.captions import append_score_to_prompts, clean_caption, text_preprocessing
+from utils.model import text_encoder as te
+from utils.model.captions import append_score_to_prompts, clean_caption, text_preprocessing
+from utils.model.weights import read_manifest, state_dict_shapes
 from utils.paths import PROMPTS
-from utils.weights import read_manifest, state_dict_shapes
 
 SAMPLE_PROMPTS = PROMPTS.read_text(encoding="utf-8").splitlines()
 

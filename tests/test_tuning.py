@@ -12,15 +12,21 @@ import json
 import pytest
 import torch
 
-from utils import memory, optimize, tuning
-from utils.benchmark import Timing
-from utils.memory import GIB, InsufficientMemoryError, footprint_key, load_footprints, store_footprints
-from utils.onednn_probe import parse_onednn_verbose
+from utils.experiments.e04_precision_threads_memory import footprint_entries, footprint_records, probe_records
+from utils.experiments import variant_runs
+from utils.experiments.variant_runs import ratio_records, stage_records
+from utils.io import GIB
+from utils.measure import runner
+from utils.measure.benchmark import Timing
+from utils.measure.instances import instance_table, smallest_instance
+from utils.measure.onednn import parse_onednn_verbose
+from utils.measure.results import ResultsStore, load_records, make_config
+from utils.model import memory
+from utils.model.memory import InsufficientMemoryError, footprint_key, load_footprints, store_footprints
+from utils.model.pipeline import STAGES, VideoSetting, load_pipeline
+from utils.optim import preflight, registry
 from utils.paths import REPO
-from utils.pipeline import STAGES, VideoSetting, load_pipeline
-from utils.results import ResultsStore, load_records, make_config
-from utils.tuning_records import (footprint_entries, footprint_records, instance_table, probe_records,
-                                  ratio_records, smallest_instance, stage_records)
+from utils.report import render
 
 SETTING = VideoSetting.create("144p", "9:16", 17, steps=2)
 PROMPT = "a red circle moving right"
@@ -59,7 +65,7 @@ def reference():
 
 @pytest.mark.parametrize("name, steps", [("bf16", {"bf16": {}}), ("autocast", {"autocast": {"dtype": "bf16"}})])
 def test_precision_steps_within_bounds(reference, name, steps):
-    pipe = optimize.apply(load_pipeline("tiny", dtype="fp32", load=()), steps)
+    pipe = registry.apply(load_pipeline("tiny", dtype="fp32", load=()), steps)
     ours = stage_outputs(pipe, reference)
     max_rel, min_cos = BOUNDS[name]
     for key in ("y", "latent", "video"):
@@ -69,15 +75,15 @@ def test_precision_steps_within_bounds(reference, name, steps):
 
 def test_bf16_weights_are_fp32_draws_rounded():
     fp32 = load_pipeline("tiny", dtype="fp32", load=("transformer",))
-    bf16 = optimize.apply(load_pipeline("tiny", dtype="fp32", load=()), {"bf16": {}})
+    bf16 = registry.apply(load_pipeline("tiny", dtype="fp32", load=()), {"bf16": {}})
     bf16.load("transformer")
     for (name, a), (_, b) in zip(fp32.transformer.named_parameters(), bf16.transformer.named_parameters()):
         assert b.dtype == torch.bfloat16 and torch.equal(a.to(torch.bfloat16), b), name
 
 
 def test_upstream_mixed_precision_keeps_t5_exact(reference):
-    pipe = optimize.apply(load_pipeline("tiny", dtype="fp32", load=()),
-                          tuning.variant_steps("upstream"))
+    pipe = registry.apply(load_pipeline("tiny", dtype="fp32", load=()),
+                          variant_runs.variant_steps("upstream"))
     assert pipe.dtypes == {"text_encoder": torch.float32, "transformer": torch.bfloat16, "vae": torch.bfloat16}
     ours = stage_outputs(pipe, reference)
     assert torch.equal(ours["y"], reference["y"])
@@ -85,7 +91,7 @@ def test_upstream_mixed_precision_keeps_t5_exact(reference):
 
 
 def test_int8_weight_only_text_encoder_bound_and_reload(reference):
-    pipe = optimize.apply(load_pipeline("tiny", dtype="fp32", load=()), {"int8_weight_only": {}})
+    pipe = registry.apply(load_pipeline("tiny", dtype="fp32", load=()), {"int8_weight_only": {}})
     pipe.load("text_encoder")
     linear = pipe.text_encoder.model.encoder.block[0].layer[0].SelfAttention.q
     assert type(linear.weight).__name__ == "Int8Tensor"
@@ -100,30 +106,30 @@ def test_int8_weight_only_text_encoder_bound_and_reload(reference):
 
 
 def test_vae_chunking_keeps_numerics_and_validates(reference):
-    pipe = optimize.apply(load_pipeline("tiny", dtype="fp32", load=("vae",)),
+    pipe = registry.apply(load_pipeline("tiny", dtype="fp32", load=("vae",)),
                           {"vae_chunking": {"micro_batch_size": 1, "micro_frame_size": 17}})
     torch.testing.assert_close(pipe.decode(reference["latent"], SETTING), reference["video"], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="positive int or None"):
-        optimize.apply(load_pipeline("tiny", dtype="fp32", load=()), {"vae_chunking": {"micro_batch_size": 0}})
+        registry.apply(load_pipeline("tiny", dtype="fp32", load=()), {"vae_chunking": {"micro_batch_size": 0}})
 
 
 def test_registry_order_and_bad_input():
-    names = list(optimize.OPTIMIZATIONS)  # others register their steps too; these keep their places
+    names = list(registry.OPTIMIZATIONS)  # others register their steps too; these keep their places
     assert (names.index("bf16") < names.index("int8_weight_only") < names.index("quantize") < names.index("vae_chunking")
             < names.index("autocast"))
     assert names[-1] == "autocast"  # wrappers around the stages come last
-    pipe = optimize.apply(load_pipeline("tiny", dtype="fp32", load=()),
+    pipe = registry.apply(load_pipeline("tiny", dtype="fp32", load=()),
                           {"autocast": {}, "bf16": {"components": ["transformer", "vae"]}})
     assert list(pipe.optimizations) == ["bf16", "autocast"]  # registry order, whatever the given order
-    assert optimize.describe(pipe) == "bf16(components=transformer,vae), autocast"
+    assert registry.describe(pipe) == "bf16(components=transformer,vae), autocast"
     with pytest.raises(ValueError, match="already applied"):
-        optimize.apply(pipe, {"bf16": {}})
+        registry.apply(pipe, {"bf16": {}})
     with pytest.raises(ValueError, match="accepted: bf16, int8_weight_only, quantize, vae_chunking"):
-        optimize.apply(pipe, {"fp8": {}})
+        registry.apply(pipe, {"fp8": {}})
     with pytest.raises(ValueError, match="unknown components"):
-        optimize.apply(load_pipeline("tiny", dtype="fp32", load=()), {"bf16": {"components": ["t5"]}})
+        registry.apply(load_pipeline("tiny", dtype="fp32", load=()), {"bf16": {"components": ["t5"]}})
     with pytest.raises(ValueError, match="unknown variants"):
-        tuning.check_names(variants=["fp16"])
+        variant_runs.check_names(variants=["fp16"])
 
 
 # ---- the fresh-process runner ---------------------------------------------------------------------------
@@ -131,9 +137,9 @@ def test_registry_order_and_bad_input():
 def test_fresh_process_runner_returns_a_valid_record(tmp_path):
     base = dict(model="tiny", resolution="144p", aspect_ratio="9:16", num_frames=17, steps=2, prompt=PROMPT,
                 threads=1, warmup=1, repeats=1, busy_retries=0)
-    task, env, spec = tuning.stage_run(base, "bf16", env_setting="lru_cache", outputs=tmp_path / "bf16.pt",
+    task, env, spec = variant_runs.stage_run(base, "bf16", env_setting="lru_cache", outputs=tmp_path / "bf16.pt",
                                        fidelity_steps=1)
-    result = tuning.run_in_fresh_process(task, env=env | {"STUDY_PROBE": "seen"}, **spec)
+    result = variant_runs.run_task(task, env=env | {"STUDY_PROBE": "seen"}, **spec)
     assert result["env_seen"]["LRU_CACHE_CAPACITY"] == "1024" and result["env_seen"]["STUDY_PROBE"] == "seen"
     assert result["env_seen"]["OMP_NUM_THREADS"] == "1" and result["threads_used"] == 1
     assert result["pid"] != __import__("os").getpid()
@@ -150,11 +156,14 @@ def test_fresh_process_runner_returns_a_valid_record(tmp_path):
 
 
 def test_a_failing_child_raises_with_its_error():
-    with pytest.raises(tuning.ChildFailed, match="unknown pipeline preset"):
-        tuning.run_in_fresh_process("stages", model="huge", resolution="144p", aspect_ratio="9:16", num_frames=17,
-                                    steps=1, prompt=PROMPT, threads=1)
-    with pytest.raises(ValueError, match="accepted: stages, footprint, adherence, probe"):
-        tuning.run_in_fresh_process("train")
+    with pytest.raises(runner.ChildFailed, match="unknown pipeline preset"):
+        variant_runs.run_task("stages", model="huge", resolution="144p", aspect_ratio="9:16", num_frames=17, steps=1,
+                              prompt=PROMPT, threads=1)
+    with pytest.raises(ValueError, match="unknown task 'train' of utils.experiments.variant_runs; accepted: stages, "
+                                         "footprint, adherence, probe"):
+        variant_runs.run_task("train")
+    with pytest.raises(ValueError, match="a task is named '<module>:<task>'"):
+        runner.run_in_fresh_process("stages")
 
 
 # ---- memory: footprints, the preflight, instances -----------------------------------------------------
@@ -202,8 +211,8 @@ def test_preflight_reads_the_footprint_table(tmp_path, monkeypatch):
 def test_preflight_of_an_optimised_pipeline(tmp_path, monkeypatch):
     path = tmp_path / "footprints.json"
     monkeypatch.setattr(memory, "FOOTPRINTS", path)
-    pipe = optimize.apply(load_pipeline("tiny", dtype="fp32", load=()), {"bf16": {}, "int8_weight_only": {}})
-    estimate = optimize.preflight(pipe, SETTING, free_text_encoder=True)
+    pipe = registry.apply(load_pipeline("tiny", dtype="fp32", load=()), {"bf16": {}, "int8_weight_only": {}})
+    estimate = preflight.preflight(pipe, SETTING, free_text_encoder=True)
     assert estimate["source"] == "analytic estimate"
     bf16_t5 = memory.module_bytes(pipe.text_encoder.model, torch.bfloat16)
     assert estimate["text_encoder"] < bf16_t5 and estimate["peak"] >= bf16_t5  # int8 resident, bf16 while loading
@@ -211,13 +220,13 @@ def test_preflight_of_an_optimised_pipeline(tmp_path, monkeypatch):
     store_footprints([entry(estimate["key"], 100 * GIB)], path)
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 2 * GIB)
     with pytest.raises(InsufficientMemoryError, match=r"int8_weight_only.*needs about 100\.0 GiB \(measured"):
-        optimize.preflight(pipe, SETTING, free_text_encoder=True)
+        preflight.preflight(pipe, SETTING, free_text_encoder=True)
 
 
 def test_footprint_task_records_and_entries(tmp_path):
     spec = dict(model="tiny", resolution="144p", aspect_ratio="9:16", num_frames=17, steps=2, prompt=PROMPT,
                 threads=1, free_text_encoder=True, optimizations={"bf16": {}})
-    result = tuning.task_footprint(spec) | {"env": {}}
+    result = variant_runs.task_footprint(spec) | {"env": {}}
     events = [e["event"] for e in result["events"]]
     assert events == ["start", "load text_encoder", "encode_prompt", "release text_encoder", "prepare_latents",
                       "load transformer", "denoise", "load vae", "decode"]
@@ -288,7 +297,6 @@ def fake_result(seconds: dict[str, float], threads: int = 2, dtype: str = "fp32"
 
 
 def test_ratio_records_and_report_section(tmp_path):
-    from utils import report
 
     store = ResultsStore("04_precision_threads_memory", root=tmp_path / "results")
     precision = {"fp32": fake_result({"encode_prompt": 20.0, "denoise": 70.0, "decode": 110.0}),
@@ -307,7 +315,7 @@ def test_ratio_records_and_report_section(tmp_path):
                                  steps=30))
     store.add(*ratio_records(startup, "default", lambda n: n, "speedup_vs_default",
                              lambda n: dict(startup[n]["config"], experiment="startup_env", env_setting=n), "test"))
-    md_path, _ = report.render(tmp_path / "results", tmp_path / "figures", tmp_path / "report")
+    md_path, _ = render.render(tmp_path / "results", tmp_path / "figures", tmp_path / "report")
     markdown = md_path.read_text()
     section = markdown[markdown.index("## Precision, threads and memory"):markdown.index("## CPU against GPU")]
     assert "| bf16 | bf16 |" in section and "2.004" in section  # (20+70*30+110) / (8+35*30+55), derived
@@ -336,5 +344,5 @@ def test_notebook_structure():
     assert tiny["model"] == "tiny" and tiny["footprints_path"].startswith("build/smoke")
     parameters = "".join(cells[1]["source"])
     assert all(f"{name} =" in parameters for name in tiny)  # every profile parameter exists in the notebook
-    tuning.check_names(variants=tiny["variants"], env_settings=tiny["env_settings"],
+    variant_runs.check_names(variants=tiny["variants"], env_settings=tiny["env_settings"],
                        memory_configs=tiny["memory_configs"])

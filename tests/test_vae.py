@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from utils.model.vae import VAE_PRESETS, build_vae
+from utils.model.weights import materialize_random, read_manifest, state_dict_shapes
 from utils.paths import UPSTREAM
-from utils.vae import VAE_PRESETS, build_vae
-from utils.weights import materialize_random, read_manifest, state_dict_shapes
 
 FIXTURE = UPSTREAM / "vae_v1_2_tiny_reference"
 TOLERANCE = 1e-5  # fp32, max abs error

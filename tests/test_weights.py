@@ -7,11 +7,11 @@ import torch
 from safetensors.torch import save_file
 from transformers import T5Config, T5ForConditionalGeneration
 
-from utils.pipeline import load_pipeline
-from utils.stdit3 import STDIT3_PRESETS, build_stdit3
-from utils.text_encoder import T5_PRESETS
-from utils.vae import build_vae
-from utils.weights import REPOS, CheckpointError, materialize_random
+from utils.model.pipeline import load_pipeline
+from utils.model.stdit3 import STDIT3_PRESETS, build_stdit3
+from utils.model.text_encoder import T5_PRESETS
+from utils.model.vae import build_vae
+from utils.model.weights import REPOS, CheckpointError, materialize_random
 
 
 def _official_layout(root, transformer_state, vae_state, t5_state, config):

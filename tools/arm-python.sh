@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Python on an emulated aarch64 (Graviton-like) CPU, from an x86_64 Linux host, for functional checks.
 #
-#   ARM_PROFILE=g3 tools/arm-python.sh -m utils.arm_check      # any python arguments
+#   ARM_PROFILE=g3 tools/arm-python.sh -m utils.experiments.arm_check      # any python arguments
 #   tools/arm-python.sh --setup                                 # only build (or verify) the cache
 #
 # Route: qemu-user (no binfmt_misc, no chroot). An arm64 Debian userland unpacked by
@@ -98,7 +98,7 @@ make_prefix() {
     # the Features line: the HWCAPs QEMU gives this CPU model (what cpuinfo, oneDNN and ACL read)
     local features
     features=$(QEMU_LD_PREFIX="$ROOTFS" QEMU_CPU="$QEMU_CPU" PYTHONPATH="$REPO" \
-        qemu-aarch64-static "$ROOTFS/usr/bin/python3.11" -S -m utils.arm_check --hwcaps)
+        qemu-aarch64-static "$ROOTFS/usr/bin/python3.11" -S -m utils.experiments.arm_check --hwcaps)
     mkdir -p "$prefix.tmp/proc"
     local entry cpu
     for entry in "$ROOTFS"/*; do

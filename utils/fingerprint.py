@@ -16,15 +16,18 @@ from functools import cache
 import psutil
 import torch
 
-from .paths import REPO
+from utils.paths import REPO
 
 # environment variables that change performance (read at start-up by OpenMP, oneDNN, torch, MKL)
 PERF_ENV_PREFIXES = ("OMP_", "KMP_", "GOMP_", "DNNL_", "ONEDNN_", "MKL_", "OPENBLAS_", "TORCHINDUCTOR_",
                      "PYTORCH_", "ACL_", "XNNPACK_")
+
 PERF_ENV_NAMES = ("THP_MEM_ALLOC_ENABLE", "LRU_CACHE_CAPACITY", "LD_PRELOAD", "MALLOC_CONF", "CI")
+
 # CPU flags that decide which kernels run (x86 AVX-512/AMX, Arm SVE/BF16/I8MM)
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile",
              "asimd", "asimddp", "sve", "sve2", "bf16", "i8mm", "svebf16", "svei8mm", "sme")
+
 LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "numpy", "torchao")
 
 

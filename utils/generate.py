@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 
-from . import aspect
-from .memory import GIB, InsufficientMemoryError, timed
-from .pipeline import DTYPES, PIPELINE_PRESETS, STAGES, VideoSetting, load_pipeline
-from .video import atomic_path, to_uint8, write_frames, write_mp4
-from .weights import CheckpointError
+from utils.io import GIB, atomic_path
+from utils.model import aspect
+from utils.model.dtypes import DTYPES
+from utils.model.memory import InsufficientMemoryError, timed
+from utils.model.pipeline import PIPELINE_PRESETS, STAGES, VideoSetting, load_pipeline
+from utils.model.video import to_uint8, write_frames, write_mp4
+from utils.model.weights import CheckpointError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,9 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-from .paths import REPO
+from utils.measure.results import Record, ResultsStore, make_config
+from utils.paths import REPO
 
 PROFILES = REPO / "notebooks" / "profiles.json"
+
 RUNS_NOTEBOOK = "notebook_runs"  # where the notebooks' wall times are stored
 
 
@@ -33,7 +35,7 @@ def profile_parameters(profile: str, notebook: str) -> dict:
 
 def run(notebook: Path, output: Path, profile: str, results: str, figures: str, traces: str) -> float:
     """Execute ``notebook`` into ``output``; returns the wall seconds."""
-    import papermill
+    import papermill  # slow to import; --record-only and the tests never execute a notebook
 
     parameters = profile_parameters(profile, notebook.stem) | dict(
         results_root=results, figures_dir=figures, trace_dir=traces)
@@ -51,7 +53,6 @@ def store_duration(executed: Path, profile: str, results: str):
     """The ``notebook_seconds`` record of an executed copy (papermill's duration and end time in its
     metadata; variant: the notebook's name), stored in ``results`` under ``notebook_runs``; the copy must
     come from this machine."""
-    from .results import Record, ResultsStore, make_config
 
     metadata = json.loads(Path(executed).read_text()).get("metadata", {}).get("papermill", {})
     if metadata.get("duration") is None or metadata.get("exception"):

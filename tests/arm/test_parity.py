@@ -1,6 +1,6 @@
 """The upstream-fixture parity tests of test_stdit3.py and test_vae.py, on aarch64, at an aarch64 bound.
 
-Run by ``utils.arm_check`` under emulation (``make arm-check``); skipped on any other architecture.
+Run by ``utils.experiments.arm_check`` under emulation (``make arm-check``); skipped on any other architecture.
 These are the same test functions (imported, not copied); only the bound differs. On x86 the fp32
 model reproduces the fixtures to 1e-5 (the VAE bit for bit: the fixtures were made by the same x86
 kernels). On aarch64 (torch 2.9.1, oneDNN+ACL; g2, g3 and g4 alike) the same tests miss 1e-5 by
@@ -25,10 +25,20 @@ if platform.machine() != "aarch64":
 
 import test_stdit3  # noqa: E402
 import test_vae  # noqa: E402
-from test_stdit3 import (tiny, test_bf16_forward_close_to_fp32, test_forward_matches_upstream,  # noqa: E402,F401
-                         test_intermediates_match_upstream, test_sampling_loop_matches_upstream)
-from test_vae import (reference, test_case1_decode, test_case2_temporal_encoder_moments,  # noqa: E402,F401
-                      test_case3_spatial_encode_mean, tiny_vae)
+from test_stdit3 import (  # noqa: E402,F401
+    test_bf16_forward_close_to_fp32,
+    test_forward_matches_upstream,
+    test_intermediates_match_upstream,
+    test_sampling_loop_matches_upstream,
+    tiny,
+)
+from test_vae import (  # noqa: E402,F401
+    reference,
+    test_case1_decode,
+    test_case2_temporal_encoder_moments,
+    test_case3_spatial_encode_mean,
+    tiny_vae,
+)
 
 AARCH64_ATOL = 1e-4  # max abs error against the upstream fixtures (x86: 1e-5)
 test_stdit3.ATOL = test_vae.TOLERANCE = AARCH64_ATOL

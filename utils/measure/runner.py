@@ -1,0 +1,89 @@
+"""The fresh-process runner: run one task of an experiment module in a new Python process.
+
+Settings that the runtime reads when it starts (oneDNN's fast-math mode, OpenMP binding, the allocator)
+only take effect in a new process, and a process's high-water mark of resident memory never goes down,
+so experiments that vary them run each variant as a child:
+
+    run_in_fresh_process("utils.experiments.variant_runs:stages", env={"OMP_PROC_BIND": "false"}, threads=2, ...)
+
+spawns ``python -m utils.measure.runner utils.experiments.variant_runs:stages --spec '<json>'`` with that
+environment; the child imports the module, runs ``TASKS["stages"](spec)`` and prints the result as one
+JSON line, which the parent returns. The runner knows tasks only by that string, so the instrument never
+imports the experiments that use it.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from utils.model.memory import InsufficientMemoryError
+from utils.paths import REPO
+
+RESULT_MARKER = "TUNING_RESULT "
+
+
+class ChildFailed(RuntimeError):
+    pass
+
+
+def task_function(reference: str):
+    """The task ``"<module>:<name>"`` names: ``<module>.TASKS[<name>]``; ValueError naming what is accepted."""
+    module_name, _, name = reference.partition(":")
+    if not module_name or not name:
+        raise ValueError(f"a task is named '<module>:<task>', got {reference!r}")
+    tasks = getattr(importlib.import_module(module_name), "TASKS", {})
+    if name not in tasks:
+        raise ValueError(f"unknown task {name!r} of {module_name}; accepted: {', '.join(tasks)}")
+    return tasks[name]
+
+
+def run_in_fresh_process(task: str, env: dict | None = None, timeout: float | None = None, **spec) -> dict:
+    """Run ``task`` ("<module>:<name>") with ``spec`` in a new Python process whose environment is this
+    one's plus ``env`` (and ``OMP_NUM_THREADS`` = ``spec["threads"]`` unless ``env`` sets it); return what it
+    reports. A child killed from outside (e.g. by the kernel's out-of-memory killer) comes back as
+    ``{"failed": ...}``; any other failure raises ``ChildFailed`` with the end of its error output."""
+    task_function(task)  # fails here, naming the accepted tasks, rather than in the child
+    child_env = dict(os.environ) | {k: str(v) for k, v in (env or {}).items()}
+    if spec.get("threads"):
+        child_env.setdefault("OMP_NUM_THREADS", str(spec["threads"]))
+    command = [sys.executable, "-m", "utils.measure.runner", task, "--spec", json.dumps(spec)]
+    done = subprocess.run(command, env=child_env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if done.returncode < 0:  # killed by a signal
+        return {"failed": f"killed by signal {-done.returncode} (out of memory?)", "spec": spec, "env": env or {}}
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARKER)]
+    if done.returncode != 0 or not lines:
+        raise ChildFailed(f"`{' '.join(command[:4])} ...` exited with {done.returncode}:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len(RESULT_MARKER):]) | {"env": env or {}}
+
+
+def main(argv: list[str] | None = None) -> int:
+
+    parser = argparse.ArgumentParser(prog="python -m utils.measure.runner", description=__doc__.split("\n\n")[0])
+    parser.add_argument("task", help="<module>:<task>, a key of the module's TASKS")
+    parser.add_argument("--spec", required=True, help="the task's parameters as a JSON object")
+    args = parser.parse_args(argv)
+    spec = json.loads(args.spec)
+    if "threads" in spec:
+        torch.set_num_threads(spec["threads"])
+    run = task_function(args.task)
+    try:
+        result = run(spec)
+    except InsufficientMemoryError as err:  # a model that cannot fit here: a result, not a crash
+        result = dict(refused=str(err))
+    seen = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "DNNL_", "ONEDNN_", "STUDY_"))
+            or k in ("THP_MEM_ALLOC_ENABLE", "LRU_CACHE_CAPACITY")}
+    result |= dict(task=args.task.partition(":")[2], spec=spec, threads_used=torch.get_num_threads(), env_seen=seen,
+                   pid=os.getpid())
+    sys.stdout.flush()
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2 @@
+"""The optimisation ladder: named ``apply_<name>`` steps over a built pipeline (``registry``), each tested
+against the fp32 baseline."""
