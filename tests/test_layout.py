@@ -5,6 +5,8 @@ import sys
 
 from utils import imports
 from utils.paths import REPO
+from utils.report import render
+from utils.report.figures import FigureSpec
 
 
 def test_utils_follows_the_layers_without_cycles():
@@ -65,3 +67,26 @@ def test_notebook_dependencies_follow_imports_and_leave_out_the_report():
     assert "utils/measure/stages.py" in baseline and "utils/optim/quantize.py" not in baseline
     rules = imports.make_deps()
     assert "build/$(PROFILE)/06_int8.ipynb: " in rules and "utils/optim/quantize.py" in rules
+
+
+def test_every_report_section_has_the_one_interface():
+    modules = {p.stem for p in (REPO / "utils/report/sections").glob("*.py") if p.stem != "__init__"}
+    assert {m.__name__.rsplit(".", 1)[1] for m in render.SECTIONS} == modules  # none left out of the report
+    names = [name for m in render.SECTIONS for name in m.FIGURES]
+    assert len(names) == len(set(names))  # a figure file belongs to one section
+    for module in render.SECTIONS:
+        assert module.NOTEBOOKS and all(isinstance(n, str) for n in module.NOTEBOOKS), module.__name__
+        assert all(isinstance(spec, FigureSpec) for spec in module.FIGURES.values()), module.__name__
+        assert callable(module.section), module.__name__
+
+
+def test_every_numbered_notebook_has_its_experiment_and_section_module():
+    for notebook in sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        number, name = notebook.stem.split("_", 1)
+        used = {m for m in imports.notebook_imports(notebook, set(imports.import_graph()))}
+        assert f"utils.report.sections.s{number}_{name}" in used, notebook.name
+        experiment = REPO / f"utils/experiments/e{number}_{name}.py"
+        if experiment.exists():  # the reading notebooks (9x) have no experiment of their own
+            assert f"utils.experiments.e{number}_{name}" in used, notebook.name
+        else:
+            assert number.startswith("9"), f"{notebook.name} measures without utils/experiments/e{number}_{name}.py"

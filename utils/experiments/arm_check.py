@@ -138,7 +138,7 @@ def describe(log: dict) -> str:
 def check_environment(profile: str):
     import torch  # standard library only at module level (see above)
 
-    from utils.fingerprint import ISA_FLAGS, fingerprint
+    from utils.fingerprint import ISA_FLAGS, fingerprint  # see above
     facts = fingerprint() | aarch64_facts()
     caps = set(facts["hwcaps"])
     problems = [] if facts["arch"] == "aarch64" else [f"arch is {facts['arch']}"]
@@ -178,7 +178,7 @@ def aarch64_facts() -> dict:
 
 def check_parity_tests(profile: str):
     """The upstream-fixture parity tests (tests/arm: test_stdit3's and test_vae's, aarch64 bound)."""
-    import pytest
+    import pytest  # see above
 
     class Outcomes:
         counts: dict[str, int] = {}
@@ -199,7 +199,7 @@ def check_parity_tests(profile: str):
 def check_generation(profile: str, frames: int):
     import torch  # standard library only at module level (see above)
 
-    from utils.model.pipeline import VideoSetting, load_pipeline
+    from utils.model.pipeline import VideoSetting, load_pipeline  # see above
     setting = VideoSetting.create("144p", "9:16", frames, steps=2)
     pipe = load_pipeline("tiny", weights="random", dtype="fp32")
     out = pipe(["a beautiful waterfall in a forest"], setting, progress=False)
@@ -407,8 +407,8 @@ def run_checks(profile: str, names: list[str], frames: int) -> list[dict]:
 def store(results: list[dict], root: Path, profile: str, threads: int) -> Path:
     """One record per check (value 1 = passed) in the results store, kind "emulated" under qemu-user,
     and the aarch64 facts added to the environment file."""
-    from utils.io import write_json_atomic
-    from utils.measure.results import Record, ResultsStore, make_config
+    from utils.io import write_json_atomic  # see above
+    from utils.measure.results import Record, ResultsStore, make_config  # see above
     store = ResultsStore("arm_check", root=root)
     environment = dict(store.environment, **aarch64_facts())
     write_json_atomic(store.root / "environments" / f"{store.environment_id}.json", environment)
