@@ -162,3 +162,4 @@ def test_timing_policy_checks_and_derives():
     spec = dict(threads=1, repeats=4, busy_retries=0, model="tiny")  # a fresh-process task's spec
     assert TimingPolicy.from_spec(spec, repeats=9, warmup=3) == TimingPolicy(warmup=3, repeats=4, threads=1,
                                                                               busy_retries=0)
+    assert TimingPolicy.from_spec(policy.to_spec()) == policy  # what a fresh process is handed comes back whole

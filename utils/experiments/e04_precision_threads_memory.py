@@ -24,6 +24,7 @@ from utils.experiments.variant_runs import (
     variant_steps,
 )
 from utils.io import GIB
+from utils.measure.benchmark import TimingPolicy
 from utils.measure.instances import HEADROOM_RULE, smallest_instance
 from utils.measure.records import WATERFALL
 from utils.measure.results import Record, ResultsStore, make_config, timing_record
@@ -163,12 +164,12 @@ def footprint_table(results: dict[str, dict], families=("c7g", "m7g", "r7g")) ->
 FIDELITY_METRICS = ("rel_l2", "cosine", "final_rel_l2", "final_cosine", "psnr", "ssim", "max_abs_diff")
 
 
-def probe(store: ResultsStore, settings: list[str], threads: int, repeats: int, busy_retries: int) -> pd.DataFrame:
+def probe(store: ResultsStore, settings: list[str], policy: TimingPolicy) -> pd.DataFrame:
     """Which oneDNN kernels run the pipeline's fp32 operations under each start-up setting (``ONEDNN_VERBOSE``)."""
-    results = run_all({name: ("probe", ENV_SETTINGS[name] | {"ONEDNN_VERBOSE": "1"},
-                              dict(threads=threads, repeats=repeats, busy_retries=busy_retries)) for name in settings},
+    spec = {k: v for k, v in policy.to_spec().items() if k != "warmup"}  # the probe warms each op up once
+    results = run_all({name: ("probe", ENV_SETTINGS[name] | {"ONEDNN_VERBOSE": "1"}, spec) for name in settings},
                       "oneDNN probe")
-    store.add(*probe_records(results, threads))
+    store.add(*probe_records(results, policy.threads))
     return probe_table(results)
 
 

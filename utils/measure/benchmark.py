@@ -136,6 +136,10 @@ class TimingPolicy:
         """The same policy with ``changes`` (e.g. ``repeats=1``)."""
         return replace(self, **changes)
 
+    def to_spec(self) -> dict:
+        """The policy as a fresh-process task's JSON spec carries it (``from_spec`` reads it back)."""
+        return dict(warmup=self.warmup, repeats=self.repeats, threads=self.threads, busy_retries=self.busy_retries)
+
     @classmethod
     def from_spec(cls, spec: dict, **defaults) -> "TimingPolicy":
         """The policy a fresh-process task's JSON spec carries (keys ``warmup``, ``repeats``, ``threads``,
