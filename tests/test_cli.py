@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from utils import generate, io
-from utils.model import memory
+from utils.model import memory, weights
 from utils.model.video import read_mp4
 from utils.paths import REPO
 
@@ -64,6 +64,9 @@ def _with(option, value):
     (_with("--prompt", "   "), "--prompt is empty"),
     (_with("--weights", "/nonexistent/weights"), "--weights /nonexistent/weights does not exist"),
     (_with("--threads", "0"), "--threads must be at least 1"),
+    (_with("--cfg-scale", "-1"), "cfg_scale must be at least 0"),
+    (_with("--cfg-scale", "nan"), "cfg_scale must be at least 0"),
+    (_with("--weights", "trained-mini"), "--weights trained-mini are the mini model's (--model mini), not tiny's"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -98,3 +101,15 @@ def test_not_enough_memory_exits_2_before_building(tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert "needs about" in err and "8.0 GiB is available" in err and "a lower resolution" in err
     assert os.listdir(tmp_path) == []
+
+
+def test_the_mini_model_runs_from_the_command_line_with_its_trained_weights(tmp_path):
+    if not weights.weights_present():
+        pytest.skip("the trained mini model is not in data/mini-model")
+    mini = ["--model", "mini", "--prompt", "a red circle moving right", "--num-frames", "1", "--steps", "2"]
+    for name, folder in (("named", weights.TRAINED_MINI), ("folder", str(weights.MINI_DIR))):
+        assert generate.main([*mini, "--weights", folder, "--out", str(tmp_path / f"{name}.mp4")]) == 0
+        record = json.loads((tmp_path / f"{name}.json").read_text())
+        assert record["model"] == "mini" and "mini-model" in record["weights"]
+    named, folder = (np.load(tmp_path / f"{n}.npz")["frames"] for n in ("named", "folder"))
+    assert np.array_equal(named, folder)  # the same weights by name or by folder

@@ -24,7 +24,7 @@ from utils.model.dtypes import DTYPES
 from utils.model.memory import InsufficientMemoryError, timed
 from utils.model.pipeline import PIPELINE_PRESETS, STAGES, VideoSetting, load_pipeline
 from utils.model.video import to_uint8, write_frames, write_mp4
-from utils.model.weights import CheckpointError
+from utils.model.weights import TRAINED_MINI, CheckpointError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder-dtype", choices=list(DTYPES),
                    help="T5 precision (default: --dtype; upstream runs T5 in fp32)")
     p.add_argument("--weights", default="random",
-                   help="'random', a folder with the official checkpoints, or 'hub' (Hugging Face cache)")
+                   help="'random', a folder with the official checkpoints, 'hub' (Hugging Face cache), or with "
+                        f"--model mini '{TRAINED_MINI}' (the mini model trained here, data/mini-model)")
     p.add_argument("--allow-download", action="store_true", help="with --weights hub: fetch missing files")
     p.add_argument("--model", default="opensora-v1.2", choices=list(PIPELINE_PRESETS))
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")
@@ -58,9 +59,12 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Video
         parser.error(f"--out must end in .mp4, got {args.out}")
     if not args.out.parent.is_dir():
         parser.error(f"--out folder {args.out.parent} does not exist")
-    if args.weights not in ("random", "hub") and not Path(args.weights).is_dir():
-        parser.error(f"--weights {args.weights} does not exist; accepted: 'random', 'hub' or a folder holding "
-                     "hpcai-tech/OpenSora-STDiT-v3, hpcai-tech/OpenSora-VAE-v1.2 and DeepFloyd/t5-v1_1-xxl")
+    if args.weights == TRAINED_MINI and args.model != "mini":
+        parser.error(f"--weights {TRAINED_MINI} are the mini model's (--model mini), not {args.model}'s")
+    if args.weights not in ("random", "hub", TRAINED_MINI) and not Path(args.weights).is_dir():
+        parser.error(f"--weights {args.weights} does not exist; accepted: 'random', 'hub', '{TRAINED_MINI}' (with "
+                     "--model mini) or a folder holding hpcai-tech/OpenSora-STDiT-v3, hpcai-tech/OpenSora-VAE-v1.2 and "
+                     "DeepFloyd/t5-v1_1-xxl (or, with --model mini, a training run's <folder>/<component>/)")
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     try:

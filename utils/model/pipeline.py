@@ -91,6 +91,9 @@ class VideoSetting:
                              "(an image) or at least 17 frames")
         if int(steps) < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
+        if not float(cfg_scale) >= 0:  # also refuses NaN
+            raise ValueError(f"cfg_scale must be at least 0 (0: unconditional, 1: no guidance, upstream 7), "
+                             f"got {cfg_scale}")
         return cls(resolution, aspect_ratio, frames, height, width, int(steps), float(cfg_scale), int(seed))
 
     @property
@@ -264,7 +267,8 @@ def estimate_peak_bytes(transformer, vae, text_encoder_model, setting: VideoSett
     cfg = transformer.config
     denoise = denoiser_activation_bytes(tokens, cfg.hidden_size, cfg.mlp_ratio, dtype, batch=2 * batch)
     widest = vae.spatial_vae.module.config.block_out_channels[1]  # channels of the last upsampled maps
-    decode = vae_decode_activation_bytes(setting.num_frames * batch, h * 8, w * 8, vae.micro_batch_size, widest,
+    micro_batch = vae.micro_batch_size or setting.num_frames * batch  # None: every frame in one 2D-decoder call
+    decode = vae_decode_activation_bytes(setting.num_frames * batch, h * 8, w * 8, micro_batch, widest,
                                          dtype)
     resident_after_encoding = weights["transformer"] + weights["vae"] + (
         0 if free_text_encoder else weights["text_encoder"])
@@ -275,7 +279,8 @@ def estimate_peak_bytes(transformer, vae, text_encoder_model, setting: VideoSett
                     analytic_peak=analytic, peak=analytic, source="analytic estimate")
     if preset is not None:
         key = footprint_key(model=preset, resolution=setting.resolution, aspect_ratio=setting.aspect_ratio,
-                            frames=setting.num_frames, dtype=dtype_name(dtype), text_encoder_dtype=dtype_name(text_encoder_dtype),
+                            frames=setting.num_frames, dtype=dtype_name(dtype),
+                            text_encoder_dtype=dtype_name(text_encoder_dtype),
                             free_text_encoder=free_text_encoder, lazy_load=lazy_load, optimizations=optimizations,
                             micro_batch_size=vae.micro_batch_size, micro_frame_size=vae.micro_frame_size)
         footprints = memory.FOOTPRINTS if footprints is None else footprints
