@@ -27,9 +27,11 @@ SMOKE     := build/smoke
 # `make arm-check`: Graviton profiles emulated with qemu-user (tools/arm-python.sh); ARM_STORE=1 keeps the
 # records in data/results (by default they go to build/arm/results)
 ARM_PROFILES ?= g2 g3 g4
+# JupyterLab refuses to start as root (containers, cloud images) unless told that it may
+LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 ARM_STORE    ?=
 
-.PHONY: env test smoke report render mini-model lab tensorboard arm-check clean-env
+.PHONY: env test smoke report render mini-model lab lab-env lab-check tensorboard arm-check clean-env
 .NOTPARALLEL:
 # a notebook that fails leaves no executed copy behind, so the next `make report` runs it again
 .DELETE_ON_ERROR:
@@ -87,10 +89,16 @@ mini-model: env
 render: env
 	$(BIN)/python -m utils.report
 
-lab: env
+lab-env: env
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(PIP_EXTRA) -r requirements-lab.txt
 	$(BIN)/python -m ipykernel install --sys-prefix --name opensora-cpu --display-name "OpenSora CPU study"
-	cd notebooks && ../$(BIN)/jupyter lab
+
+lab: lab-env
+	cd notebooks && ../$(BIN)/jupyter lab $(LAB_ROOT)
+
+# `make lab`'s server started headless on loopback, its status and kernels asked over HTTP, then stopped (CI)
+lab-check: lab-env
+	$(BIN)/python tools/lab_check.py $(LAB_ROOT)
 
 tensorboard: env
 	$(BIN)/tensorboard --logdir build/traces --host 127.0.0.1
