@@ -37,7 +37,8 @@ def main(extra: list[str]) -> int:
         deadline = time.monotonic() + 90
         while True:
             if server.poll() is not None:
-                print(f"lab-check: `{' '.join(command[:2])}` exited with {server.returncode}:\n{server.stdout.read()[-3000:]}")
+                output = server.stdout.read()[-3000:]
+                print(f"lab-check: `{' '.join(command[:2])}` exited with {server.returncode}:\n{output}")
                 return 1
             try:
                 status = get(f"{base}/status?token={token}")
