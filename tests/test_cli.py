@@ -113,3 +113,11 @@ def test_the_mini_model_runs_from_the_command_line_with_its_trained_weights(tmp_
         assert record["model"] == "mini" and "mini-model" in record["weights"]
     named, folder = (np.load(tmp_path / f"{n}.npz")["frames"] for n in ("named", "folder"))
     assert np.array_equal(named, folder)  # the same weights by name or by folder
+
+
+def test_start_up_prints_no_library_noise():
+    code = "import utils.generate, utils.optim.registry, utils.experiments.variant_runs"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for noise in ("Failed to load", "Unable to import `torchao`", "register_constant"):
+        assert noise not in result.stderr, result.stderr[-2000:]
