@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 
-from utils.experiments.e04_precision_threads_memory import footprint_entries, footprint_records, probe_records
 from utils.experiments import variant_runs
+from utils.experiments.e04_precision_threads_memory import footprint_entries, footprint_records, probe_records
 from utils.experiments.variant_runs import ratio_records, stage_records
 from utils.io import GIB
 from utils.measure import runner
@@ -134,7 +134,9 @@ def test_registry_order_and_bad_input():
 
 # ---- the fresh-process runner ---------------------------------------------------------------------------
 
-def test_fresh_process_runner_returns_a_valid_record(tmp_path):
+def test_fresh_process_runner_returns_a_valid_record(tmp_path, monkeypatch):
+    monkeypatch.setenv("DNNL_DEFAULT_FPMATH_MODE", "BF16")  # exported in the shell: must not reach the child
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
     base = dict(model="tiny", resolution="144p", aspect_ratio="9:16", num_frames=17, steps=2, prompt=PROMPT,
                 threads=1, warmup=1, repeats=1, busy_retries=0)
     task, env, spec = variant_runs.stage_run(base, "bf16", env_setting="lru_cache", outputs=tmp_path / "bf16.pt",
@@ -142,6 +144,7 @@ def test_fresh_process_runner_returns_a_valid_record(tmp_path):
     result = variant_runs.run_task(task, env=env | {"STUDY_PROBE": "seen"}, **spec)
     assert result["env_seen"]["LRU_CACHE_CAPACITY"] == "1024" and result["env_seen"]["STUDY_PROBE"] == "seen"
     assert result["env_seen"]["OMP_NUM_THREADS"] == "1" and result["threads_used"] == 1
+    assert "DNNL_DEFAULT_FPMATH_MODE" not in result["env_seen"]
     assert result["pid"] != __import__("os").getpid()
     assert set(result["stages"]) == set(STAGES) and result["config"]["dtype"] == "bf16"
     outputs = torch.load(result["outputs"])
@@ -153,6 +156,18 @@ def test_fresh_process_runner_returns_a_valid_record(tmp_path):
     step = records[(records.stage == "denoise") & (records.metric == "seconds_per_step")]["value"].item()
     video = records[(records.stage == "denoise") & (records.metric == "video_seconds")]["value"].item()
     assert video == pytest.approx(30 * step)
+
+
+def test_a_child_starts_from_a_clean_environment(monkeypatch):
+    for name, value in variant_runs.GUIDE_ENV.items():  # the runbook's exports
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "ZEN")  # machine settings other than the study's stay
+    clean = runner.child_environment({}, threads=2)
+    assert not set(variant_runs.GUIDE_ENV) & set(clean) and clean["OMP_NUM_THREADS"] == "2"
+    assert clean["OPENBLAS_CORETYPE"] == "ZEN" and clean["PATH"] == __import__("os").environ["PATH"]
+    assert runner.child_environment({"OMP_PLACES": "cores"}, threads=1)["OMP_PLACES"] == "cores"
+    varied = {name for setting in variant_runs.ENV_SETTINGS.values() for name in setting}
+    assert varied <= set(runner.STUDY_VARIABLES), varied - set(runner.STUDY_VARIABLES)
 
 
 def test_a_failing_child_raises_with_its_error():

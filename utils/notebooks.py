@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from utils.measure.results import Record, ResultsStore, make_config
+from utils.measure.runner import STUDY_VARIABLES
 from utils.paths import REPO
 
 PROFILES = REPO / "notebooks" / "profiles.json"
@@ -34,7 +36,8 @@ def profile_parameters(profile: str, notebook: str) -> dict:
 
 
 def run(notebook: Path, output: Path, profile: str, results: str, figures: str, traces: str) -> float:
-    """Execute ``notebook`` into ``output``; returns the wall seconds."""
+    """Execute ``notebook`` into ``output``; returns the wall seconds. The kernel starts without the start-up
+    variables the study varies (``measure.runner.STUDY_VARIABLES``): each experiment sets its own."""
     import papermill  # slow to import; --record-only and the tests never execute a notebook
 
     parameters = profile_parameters(profile, notebook.stem) | dict(
@@ -43,6 +46,8 @@ def run(notebook: Path, output: Path, profile: str, results: str, figures: str, 
     parameters = {name: value for name, value in parameters.items() if name in accepted}
     output.parent.mkdir(parents=True, exist_ok=True)
     Path(figures).mkdir(parents=True, exist_ok=True)
+    for name in STUDY_VARIABLES:  # the kernel inherits this process's environment: none of the study's settings
+        os.environ.pop(name, None)
     start = time.perf_counter()
     papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name="python3",
                                cwd=str(REPO), progress_bar=True, log_output=False)

@@ -26,6 +26,22 @@ from utils.model.memory import InsufficientMemoryError
 from utils.paths import REPO
 
 RESULT_MARKER = "TUNING_RESULT "
+# The start-up variables the study varies (experiments.variant_runs.ENV_SETTINGS, the probe's verbose logs, the
+# thread count): a child starts from this process's environment without any of them, then gets its own, so a
+# setting exported in the shell (the Graviton runbook's, say) never leaks into a baseline. OPENBLAS_* stay: some
+# machines need them to compute correctly.
+STUDY_VARIABLES = ("DNNL_DEFAULT_FPMATH_MODE", "ONEDNN_DEFAULT_FPMATH_MODE", "LRU_CACHE_CAPACITY",
+                   "THP_MEM_ALLOC_ENABLE", "OMP_PROC_BIND", "OMP_PLACES", "OMP_NUM_THREADS", "ONEDNN_VERBOSE",
+                   "DNNL_VERBOSE")
+
+
+def child_environment(env: dict | None, threads: int | None = None) -> dict[str, str]:
+    """A fresh process's environment: this one's less ``STUDY_VARIABLES``, plus ``env`` (and ``OMP_NUM_THREADS``
+    = ``threads`` unless ``env`` sets it)."""
+    child = {k: v for k, v in os.environ.items() if k not in STUDY_VARIABLES}
+    if threads:
+        child["OMP_NUM_THREADS"] = str(threads)
+    return child | {k: str(v) for k, v in (env or {}).items()}
 
 
 class ChildFailed(RuntimeError):
@@ -44,14 +60,12 @@ def task_function(reference: str):
 
 
 def run_in_fresh_process(task: str, env: dict | None = None, timeout: float | None = None, **spec) -> dict:
-    """Run ``task`` ("<module>:<name>") with ``spec`` in a new Python process whose environment is this
-    one's plus ``env`` (and ``OMP_NUM_THREADS`` = ``spec["threads"]`` unless ``env`` sets it); return what it
-    reports. A child killed from outside (e.g. by the kernel's out-of-memory killer) comes back as
-    ``{"failed": ...}``; any other failure raises ``ChildFailed`` with the end of its error output."""
+    """Run ``task`` ("<module>:<name>") with ``spec`` in a new Python process whose environment is
+    ``child_environment(env, spec["threads"])``; return what it reports. A child killed from outside (e.g. by
+    the kernel's out-of-memory killer) comes back as ``{"failed": ...}``; any other failure raises
+    ``ChildFailed`` with the end of its error output."""
     task_function(task)  # fails here, naming the accepted tasks, rather than in the child
-    child_env = dict(os.environ) | {k: str(v) for k, v in (env or {}).items()}
-    if spec.get("threads"):
-        child_env.setdefault("OMP_NUM_THREADS", str(spec["threads"]))
+    child_env = child_environment(env, spec.get("threads"))
     command = [sys.executable, "-m", "utils.measure.runner", task, "--spec", json.dumps(spec)]
     done = subprocess.run(command, env=child_env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if done.returncode < 0:  # killed by a signal
