@@ -11,7 +11,8 @@ Layers, lowest first; a module imports only from lower layers or from its own su
     model                                           OpenSora 1.2 as upstream runs it
     optim | measure                                 the optimisation ladder | the instrument (neither imports the other)
     testbed                                         the quality testbed
-    experiments | report                            what notebooks run | what the report shows (neither imports the other)
+    experiments | report                            what notebooks run | what the report shows (neither imports
+                                                    the other)
     generate, notebooks                             command lines
 """
 from __future__ import annotations
@@ -45,7 +46,8 @@ def imported_modules(source: str, known: set[str]) -> set[str]:
     """The ``utils`` modules that ``source`` imports, at any depth of the code (function-level imports too)."""
     found = set()
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.split(".")[0] == "utils":
+        if (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                and node.module.split(".")[0] == "utils"):
             candidates = [f"{node.module}.{alias.name}" for alias in node.names]
             found |= {c for c in candidates if c in known} or {node.module}
         elif isinstance(node, ast.Import):

@@ -183,7 +183,8 @@ def precision(store: ResultsStore, base: dict, variants: list[str], outputs, fid
     for name, result in results.items():
         store.add(*stage_records(result, name, experiment_config(result, "precision"), base["steps"]))
     store.add(*ratio_records(results, "fp32", lambda name: name, "speedup_vs_fp32",
-                             lambda name: experiment_config(results[name], "precision"), "fp32 median / variant median"))
+                             lambda name: experiment_config(results[name], "precision"),
+                             "fp32 median / variant median"))
     for name, result in results.items():
         if name != "fp32" and result.get("inputs_used"):  # fed the fp32 run's outputs: comparable stage by stage
             store.add(*fidelity_records(name, result["outputs"], results["fp32"]["outputs"],
@@ -226,8 +227,8 @@ def thread_scaling(store: ResultsStore, base: dict, variant: str, thread_counts:
     return stage_table(results, base["steps"])
 
 
-def startup_settings(store: ResultsStore, base: dict, variant: str, settings: list[str], stages: list[str], repeats: int,
-                     reference, measured: dict[str, dict]) -> pd.DataFrame:
+def startup_settings(store: ResultsStore, base: dict, variant: str, settings: list[str], stages: list[str],
+                     repeats: int, reference, measured: dict[str, dict]) -> pd.DataFrame:
     """``variant``'s ``stages`` under each start-up setting, each in a fresh process, against the default
     start-up (the precision run of ``variant`` in ``measured`` when it is there) and the speed-up over it."""
     names = settings if variant in measured else ["default"] + settings

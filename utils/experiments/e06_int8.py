@@ -303,8 +303,9 @@ def sensitivity(store: ResultsStore, model: str, setting: VideoSetting, referenc
     real = load_pipeline(model, weights="random", dtype="fp32", load=("transformer",))
     ref_out = torch.load(reference)
     z = real.prepare_latents(1, setting)
+    one = one_step(setting)
     rows = class_sensitivity(real.transformer,
-                             lambda m: real.denoise(z, ref_out["y"], ref_out["mask"], one_step(setting), progress=False),
+                             lambda m: real.denoise(z, ref_out["y"], ref_out["mask"], one, progress=False),
                              ref_out["latent_one_step"], scheme)
     real.release("transformer")
     store.add(*sensitivity_records(rows, "real", config, scheme))
@@ -316,7 +317,8 @@ def sensitivity(store: ResultsStore, model: str, setting: VideoSetting, referenc
         mini_rows = class_sensitivity(mini.transformer,
                                       lambda m: minimodel.generate(mini, held_out, seed=0, steps=mini_steps)[1],
                                       mini_reference, scheme)
-        mini_config = minimodel.quality_config("mini", "trained-mini", mini_steps, threads) | {"experiment": "sensitivity"}
+        mini_config = (minimodel.quality_config("mini", "trained-mini", mini_steps, threads)
+                       | {"experiment": "sensitivity"})
         store.add(*sensitivity_records(mini_rows, "mini", mini_config, scheme))
         table = pd.concat([table, pd.DataFrame([{k: v for k, v in r.items() if k != "output"} | {"model": "mini"}
                                                 for r in mini_rows])])

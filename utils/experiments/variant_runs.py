@@ -8,11 +8,13 @@ resident memory never goes down, so every run here is a child process:
     run_task("stages", env={"OMP_PROC_BIND": "false"}, threads=2, model="tiny", ...)
 
 runs ``TASKS["stages"]`` through the fresh-process runner (``utils.measure.runner``) with that
-environment and returns the JSON it prints. Tasks: ``stages`` (time each stage one model at a time and keep its outputs for fidelity),
+environment and returns the JSON it prints. Tasks: ``stages`` (time each stage one model at a time and keep its
+outputs for fidelity),
 ``footprint`` (peak resident memory of a whole pipeline run, event by event), ``adherence`` (the
 trained mini model's prompt adherence) and ``probe`` (which oneDNN kernels run fp32 ops, with and
-without fast math; ``utils.measure.onednn``). Timing goes through ``utils.measure.benchmark.measure`` (first call apart, warm-up,
-repeats, median, other-process CPU check). The record builders below turn the results into records (shared by notebooks 04 and 06).
+without fast math; ``utils.measure.onednn``). Timing goes through ``utils.measure.benchmark.measure`` (first
+call apart, warm-up, repeats, median, other-process CPU check). The record builders below turn the results into
+records (shared by notebooks 04 and 06).
 """
 from __future__ import annotations
 
@@ -296,7 +298,8 @@ def task_adherence(spec: dict) -> dict:
                                         progress=False) for split in spec["splits"]}
     return dict(tables={s: json.loads(t.to_json(orient="records")) for s, t in tables.items()},
                 summaries={s: adherence_summary(t) for s, t in tables.items()}, optimizations=registry.describe(pipe),
-                dtype=dtype_name(pipe.dtypes["transformer"]), text_encoder_dtype=dtype_name(pipe.dtypes["text_encoder"]))
+                dtype=dtype_name(pipe.dtypes["transformer"]),
+                text_encoder_dtype=dtype_name(pipe.dtypes["text_encoder"]))
 
 
 TASKS = {"stages": task_stages, "footprint": task_footprint, "adherence": task_adherence, "probe": task_probe}

@@ -33,7 +33,8 @@ def _operands(m: int, k: int, n: int, dtype: str, device: str):
     return a, b
 
 
-def gemm_rate(shape: tuple[int, int, int], dtype: str, policy: TimingPolicy, device: str = "cpu") -> tuple[Timing, float]:
+def gemm_rate(shape: tuple[int, int, int], dtype: str, policy: TimingPolicy,
+              device: str = "cpu") -> tuple[Timing, float]:
     """Median GFLOP/s (GOP/s for int8) of ``a @ b`` at ``shape`` = (M, K, N): 2*M*K*N / time."""
     m, k, n = shape
     a, b = _operands(m, k, n, dtype, device)

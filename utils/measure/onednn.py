@@ -1,8 +1,8 @@
 """Which oneDNN kernels run the pipeline's fp32 operations, with and without oneDNN's bf16 fast-math mode.
 
-``task_probe`` runs in a fresh process started by ``utils.experiments.variant_runs`` with ``ONEDNN_VERBOSE=1`` (and the start-up
-setting under test, e.g. ``DNNL_DEFAULT_FPMATH_MODE=BF16``): for each op it reads oneDNN's verbose log from
-the process's own standard output, and compares the result with float64. On x86 an fp32 Linear runs in MKL,
+``task_probe`` runs in a fresh process started by ``utils.experiments.variant_runs`` with ``ONEDNN_VERBOSE=1``
+(and the start-up setting under test, e.g. ``DNNL_DEFAULT_FPMATH_MODE=BF16``): for each op it reads oneDNN's
+verbose log from the process's own standard output, and compares the result with float64. On x86 an fp32 Linear runs in MKL,
 not oneDNN, so fast math cannot touch it; on Graviton the same Linear runs in oneDNN+ACL.
 """
 from __future__ import annotations

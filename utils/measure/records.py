@@ -101,7 +101,8 @@ def pixels_of(row: pd.Series) -> int | None:
     return height * width
 
 
-# the memory waterfall of a whole lazily loaded run (notebook 04's footprint runs): (event, stage of the record, metric of the record, label on a figure)
+# the memory waterfall of a whole lazily loaded run (notebook 04's footprint runs): (event, stage of the record,
+# metric of the record, label on a figure)
 WATERFALL = (("load text_encoder", "encode_prompt", "load_peak_rss_bytes", "load T5"),
              ("encode_prompt", "encode_prompt", "peak_rss_bytes", "encode"),
              ("release text_encoder", "encode_prompt", "rss_after_release_bytes", "free T5"),

@@ -133,5 +133,6 @@ def record_config(pipe: OpenSoraPipeline, setting: VideoSetting, threads: int, *
     return make_config(model=pipe.preset, weights="random" if pipe.weights == "random" else "real",
                        resolution=setting.resolution, aspect_ratio=setting.aspect_ratio, frames=setting.num_frames,
                        steps=setting.steps, dtype=dtype_name(pipe.dtypes["transformer"]), threads=threads,
-                       text_encoder_dtype=dtype_name(pipe.dtypes["text_encoder"]), latent=list(pipe.latent_size(setting)),
+                       text_encoder_dtype=dtype_name(pipe.dtypes["text_encoder"]),
+                       latent=list(pipe.latent_size(setting)),
                        **extra)
