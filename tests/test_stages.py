@@ -1,6 +1,7 @@
 """Stage-by-stage measurement on the tiny pipeline: structure, one-model-at-a-time, FLOP counts."""
 import pytest
 
+from utils.measure.benchmark import TimingPolicy
 from utils.measure.flops import count_flops
 from utils.measure.stages import derived_video_seconds, measure_stages, record_config, stage_flops
 from utils.model.pipeline import STAGES, VideoSetting, load_pipeline
@@ -17,7 +18,7 @@ SETTING = VideoSetting.create("144p", "9:16", 17, steps=3)
 
 
 def test_measure_stages_one_model_at_a_time(pipe):
-    results = measure_stages(pipe, SETTING, warmup=1, repeats=2, threads=1)
+    results = measure_stages(pipe, SETTING, policy=TimingPolicy(warmup=1, repeats=2, threads=1))
     assert list(results) == list(STAGES)
     assert all(len(r.timing.times_s) == 2 for r in results.values())
     assert all(not pipe.is_loaded(c) for c in COMPONENTS)  # everything released again

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from utils.io import GIB
+from utils.measure.benchmark import TimingPolicy
 from utils.measure.profiling import profile_stage
 from utils.measure.results import RESULTS, Record, ResultsStore, timing_record
 from utils.measure.stages import complete_run, derived_video_seconds, measure_stages, record_config
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         for resolution, frames in tqdm(settings, desc=variant):
             setting = VideoSetting.create(resolution, "9:16", frames, steps=30)
             config = record_config(pipe, setting, threads=torch.get_num_threads())
-            measured = measure_stages(pipe, setting, PROMPT, warmup=args.warmup, repeats=repeats)
+            measured = measure_stages(pipe, setting, PROMPT, TimingPolicy(warmup=args.warmup, repeats=repeats))
             peak = "peak_device_bytes" if device.startswith("cuda") else "peak_rss_bytes"
             video = derived_video_seconds(measured, setting.steps)
             for stage, result in measured.items():
