@@ -10,8 +10,9 @@ ATen operator, the packed-weight format). Under emulation every timing is 300-30
 instruction set, so none is reported as performance. Records (``kind="emulated"``, one file per
 profile) go to build/arm/results, or to data/results with ``--store``.
 
-Module level imports only the standard library: tools/arm-python.sh runs ``--hwcaps`` before any wheel
-is on the path, to write the HWCAPs into the profile's fake /proc/cpuinfo.
+Module level imports only the standard library (and ``utils.paths``, itself standard library only):
+tools/arm-python.sh runs ``--hwcaps`` before any wheel is on the path, to write the HWCAPs into the
+profile's fake /proc/cpuinfo.
 """
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from utils.paths import BUILD, REPO
 
-BUILD_RESULTS = REPO / "build" / "arm" / "results"
+BUILD_RESULTS = BUILD / "arm" / "results"
 
 # Linux arm64 HWCAP bits (uapi/asm/hwcap.h): AT_HWCAP, then AT_HWCAP2
 HWCAP_NAMES = ("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm jscvt fcma lrcpc "
