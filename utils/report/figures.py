@@ -12,7 +12,7 @@ so importing this module changes no notebook's backend.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -26,13 +26,16 @@ BASELINE_NOTEBOOKS = ("01_baseline", "02_stage_profile")
 class ReportInputs:
     """What a section and its figures are drawn from: ``df`` the primary environment's records,
     ``records`` every environment's (both with stale mini-model records left out), ``environments`` the
-    fingerprints by id, ``primary`` the primary environment's id and ``environment`` its fingerprint."""
+    fingerprints by id, ``primary`` the primary environment's id, ``environment`` its fingerprint and
+    ``configured`` each notebook's configured parameters (``utils.report.configured``), for the values no
+    record stores."""
 
     df: pd.DataFrame
     records: pd.DataFrame
     environments: dict
     primary: str | None
     environment: dict | None
+    configured: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from utils.measure.records import in_environment, prepare, select
 from utils.measure.results import RESULTS, load_environments, load_records
 from utils.model.weights import weights_id
 from utils.paths import FIGURES, REPORT
+from utils.report.configured import NOTEBOOKS_DIR, configuration
 from utils.report.figures import ReportInputs, context_label
 from utils.report.formats import FILTERS, fmt, kinds_of, markdown_table, missing, text
 from utils.report.sections import (
@@ -125,9 +126,10 @@ def draw_figures(inputs: ReportInputs, figures_dir: Path, out_dir: Path) -> dict
 
 
 def render(results_root=RESULTS, figures_dir=FIGURES, out_dir=REPORT,
-           environment_id: str | None = None) -> tuple[Path, Path]:
+           environment_id: str | None = None, notebooks_dir=NOTEBOOKS_DIR) -> tuple[Path, Path]:
     """Redraw the figures into ``figures_dir`` and write ``out_dir/report.md`` and ``report.html`` from
-    the records under ``results_root``; returns the two paths."""
+    the records under ``results_root`` and, for the values no record stores, the notebooks' configured
+    parameters under ``notebooks_dir``; returns the two paths."""
     import jinja2  # only the renderer needs it; the section modules are imported by notebooks too
 
     results_root, figures_dir, out_dir = Path(results_root), Path(figures_dir), Path(out_dir)
@@ -137,7 +139,7 @@ def render(results_root=RESULTS, figures_dir=FIGURES, out_dir=REPORT,
     primary = primary_environment(records, environments, environment_id)
     df = in_environment(records, primary)
     inputs = ReportInputs(df=df, records=records, environments=environments, primary=primary,
-                          environment=environments.get(primary))
+                          environment=environments.get(primary), configured=configuration(df, notebooks_dir))
 
     title = "OpenSora 1.2 text-to-video on CPU: inference study"
     context = dict(

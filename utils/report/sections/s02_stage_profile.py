@@ -117,7 +117,7 @@ def scaling(df: pd.DataFrame, path, environment: dict | None = None) -> Path | N
         blocks = blocks[same(blocks["config.threads"], blocks["config.threads"].iloc[-1])]
     if not frames.empty:
         frames = frames[same(frames["config.threads"], frames["config.threads"].iloc[-1])]
-    panels = [p for p in (("tokens", blocks, "config.tokens", "one spatial + one temporal block, CFG batch 2"),
+    panels = [p for p in (("tokens", blocks, "config.tokens", "one spatial + one temporal block, CFG batch"),
                           ("pixels per frame", frames, "pixels", "one frame through the 2D VAE decoder"))
               if not p[1].empty]
     if not panels:

@@ -5,11 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import torch
 from matplotlib.figure import Figure
 
 from utils.measure.records import one_environment, select
+from utils.model.sampler import shift_ratio
+from utils.model.stdit3 import STDIT3_PRESETS
 from utils.model.weights import TRAINED_MINI
 from utils.report.figures import FigureSpec, ReportInputs, context_label, new_figure, save_figure
+from utils.report.formats import FILTERS
+from utils.testbed import synthetic
+
+NOTEBOOK = "03_quality_baseline"
+
+# the testbed's chance levels: one attribute value guessed at random, and all three at once
+CHANCE = {"shape": 1 / len(synthetic.SHAPES), "colour": 1 / len(synthetic.COLOURS),
+          "motion": 1 / len(synthetic.MOTIONS), "all": 1 / len(synthetic.ALL_COMBINATIONS)}
 
 
 def quality_examples(video, captions: list[str], held_out: list[bool], path, frames=(0, 4, 8, 12, 16)) -> Path:
@@ -49,10 +60,12 @@ def adherence(df: pd.DataFrame, path, environment: dict | None = None) -> Path |
     for i, metric in enumerate(ADHERENCE_METRICS):
         positions = [x + (i - 1.5) * width for x in range(len(table))]
         ax.bar(positions, table[metric], width, label=metric.removeprefix("adherence_").replace("_", " "))
-    for level in (1 / 3, 1 / 5, 1 / 75):  # chance: shape, colour and motion, all correct
+    for level in sorted(set(CHANCE.values())):
         ax.axhline(level, linestyle=":", linewidth=0.8, color="grey")
-    ax.text(len(table) - 0.5, 1 / 3, "chance: shape 1/3, colour and motion 1/5, all 1/75", fontsize=7,
-            ha="right", va="bottom", color="grey")
+    pct = FILTERS["pct"]
+    ax.text(len(table) - 0.5, CHANCE["shape"], f"chance: shape {pct(CHANCE['shape'])}, colour {pct(CHANCE['colour'])}, "
+            f"motion {pct(CHANCE['motion'])}, all {pct(CHANCE['all'])}", fontsize=7, ha="right", va="bottom",
+            color="grey")
     ax.set_xticks(range(len(table)))
     ax.set_xticklabels(table.index, fontsize=7)
     ax.set(ylim=(0, 1.05), ylabel="fraction of clips correct")
@@ -129,7 +142,20 @@ def training_table(df: pd.DataFrame) -> pd.DataFrame | None:
     return table.rename(columns={"training_seconds": "seconds (measured)", "final_loss": "final loss"})
 
 
-def quality_section(df: pd.DataFrame) -> dict | None:
+def testbed() -> dict:
+    """The testbed's sizes, from the code that defines them: the mini transformer, the synthetic clips,
+    the attribute counts and chance levels, and the sampler's resolution shift at the clip's size."""
+    mini = STDIT3_PRESETS["mini"]
+    size = torch.tensor([float(synthetic.SIZE)])
+    return dict(depth=mini.depth, width=mini.hidden_size, frames=synthetic.NUM_FRAMES, size=synthetic.SIZE,
+                shapes=len(synthetic.SHAPES), colours=len(synthetic.COLOURS), motions=len(synthetic.MOTIONS),
+                combinations=len(synthetic.ALL_COMBINATIONS), chance=CHANCE,
+                shift_ratio=float(shift_ratio(size, size, torch.tensor([synthetic.NUM_FRAMES]))[0]))
+
+
+def quality_section(df: pd.DataFrame, configured: dict | None = None) -> dict | None:
+    """The section's tables; ``configured``: notebook 03's configured parameters (its guidance scale, which
+    no record stores)."""
     adherence = adherence_table(df)
     floor = noise_floor_table(df)
     if adherence is None and floor is None:
@@ -138,10 +164,15 @@ def quality_section(df: pd.DataFrame) -> dict | None:
     if adherence is not None:
         fp32 = adherence[adherence["variant"] == "fp32"].set_index("combinations")
         headline = {split: fp32.loc[split].to_dict() for split in fp32.index}
-        settings = select(df, notebook="03_quality_baseline", stage="adherence", variant="fp32")
+        settings = select(df, notebook=NOTEBOOK, stage="adherence", variant="fp32")
         headline["steps"] = settings["config.steps"].dropna().max()
         headline["threads"] = settings["config.threads"].dropna().max()
-    return dict(adherence=adherence, floor=floor, training=training_table(df), headline=headline)
+        headline["cfg_scale"] = (configured or {}).get("cfg_scale")
+    losses = select(df, notebook="train_mini_model", metric="final_loss")["note"].dropna()
+    return dict(adherence=adherence, floor=floor, training=training_table(df), headline=headline,
+                testbed=testbed(), loss_note=losses.iloc[-1] if len(losses) else None,
+                # the unit roundoff of bf16 (half its machine epsilon): the floor's perturbation of that size
+                bf16_rounding=torch.finfo(torch.bfloat16).eps / 2)
 
 
 # ---- the section's interface (utils.report.render) ----------------------------------------------------
@@ -152,10 +183,11 @@ FIGURES = {
         adherence, "prompt adherence per attribute of the trained mini model and controls (measured)",
         shows=dict(notebook="03_quality_baseline", stage="adherence")),
     # drawn by the notebook from generated frames, shown when its file is there
-    "quality_examples": FigureSpec("clips generated by the mini model trained here (fp32, seed 0); \"held out\" marks "
-                                   "combinations never seen in training", context="Drawn by `03_quality_baseline`"),
+    "quality_examples": FigureSpec("clips generated by the mini model trained here (fp32, the first seed); "
+                                   "\"held out\" marks combinations never seen in training",
+                                   context="Drawn by `03_quality_baseline`"),
 }
 
 
 def section(inputs: ReportInputs) -> dict:
-    return dict(quality=quality_section(inputs.df))
+    return dict(quality=quality_section(inputs.df, inputs.configured.get(NOTEBOOK)))

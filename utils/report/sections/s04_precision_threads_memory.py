@@ -13,6 +13,7 @@ from utils.io import GIB
 from utils.measure.instances import HEADROOM_RULE, instance_table
 from utils.measure.records import WATERFALL, in_environment, one_environment, select, value_of
 from utils.model.pipeline import STAGES
+from utils.model.text_encoder import T5_PRESETS
 from utils.report.figures import FigureSpec, ReportInputs, context_label, new_figure, save_figure, setting_label, short
 
 # ---- notebook 04: precision, threads, memory ---------------------------------------------------------
@@ -158,14 +159,15 @@ GUIDE_SETTINGS = {"omp_proc_bind_false": "OMP_PROC_BIND=false", "omp_places_core
 # (setting, recommendation, the guide's reason): AWS Graviton getting-started guide, machinelearning/pytorch.md
 GUIDE = {
     "precision": ("bf16 in eager mode, or fp32 weights with fast math; not fp16",
-                  "Graviton3 and later have BF16 instructions; fp16 is 2-10x slower than bf16 (pytorch#134282)"),
+                  "Graviton3 and later have BF16 instructions; fp16 is several times slower than bf16 "
+                  "(pytorch#134282)"),
     "fast_math": ("DNNL_DEFAULT_FPMATH_MODE=BF16 (Graviton3 and later)",
-                  "fp32 GEMMs in oneDNN+ACL run as bf16: ~2x on large GEMMs, slight accuracy loss"),
+                  "fp32 GEMMs in oneDNN+ACL run as bf16: faster on large GEMMs, slight accuracy loss"),
     "threads": ("OMP_NUM_THREADS = vCPUs / processes", "no SMT on Graviton: one vCPU is one core"),
     "omp_proc_bind_false": ("OMP_PROC_BIND=false", "spread the vCPUs across processes"),
     "omp_places_cores": ("OMP_PLACES=cores", "spread the vCPUs across processes"),
     "thp": ("THP_MEM_ALLOC_ENABLE=1 (kernel THP madvise or always)",
-            "transparent huge pages for tensors above ~30 MB: +8 % in the PyTorch tutorial"),
+            "transparent huge pages for large tensors: faster in the PyTorch tutorial"),
     "lru_cache": ("LRU_CACHE_CAPACITY=1024", "oneDNN primitive cache; raises the memory footprint"),
 }
 
@@ -202,8 +204,10 @@ def probe_table(df: pd.DataFrame) -> tuple[pd.DataFrame | None, dict]:
                           "changed vs default (derived)": None if changed is None else ("yes" if changed else "no"),
                           "implementations": select(ours, metric="onednn_primitives")["note"].iloc[-1]})
     changes = select(rows, metric="changes_kernels")
+    criterion = changes["note"].dropna()  # what counts as a change, as the notebook stored it ("1: ...")
     summary = dict(ops=int(changes["stage"].nunique()), changed=int((changes["value"] > 0).sum()),
-                   onednn=int((select(rows, variant="default", metric="onednn_primitives")["value"] > 0).sum()))
+                   onednn=int((select(rows, variant="default", metric="onednn_primitives")["value"] > 0).sum()),
+                   criterion=criterion.iloc[-1].split(": ", 1)[-1] if len(criterion) else None)
     return pd.DataFrame(table), summary
 
 
@@ -405,18 +409,24 @@ def recommendations(rows: pd.DataFrame, environment_id: str | None, guide_only: 
     return pd.DataFrame(out, columns=["setting", "recommendation", "evidence", "source"])
 
 
-def tuning_section(records: pd.DataFrame, environments: dict, primary: str | None) -> dict | None:
+def tuning_section(records: pd.DataFrame, environments: dict, primary: str | None,
+                   configured: dict | None = None) -> dict | None:
     """The tables of the section (None where not measured; ``measured`` False when the primary environment
-    has no records of notebook 04) and the recommended settings for Graviton and x86."""
+    has no records of notebook 04) and the recommended settings for Graviton and x86; ``configured``:
+    notebook 04's configured parameters (the sampling steps of its fidelity runs, which no record stores)."""
     df = in_environment(records, primary)
     probe, probe_summary = probe_table(df)
     arm_id, arm_rows = _env_rows(records, environments, ("aarch64", "arm64"), primary)
     x86_id, x86_rows = _env_rows(records, environments, ("x86_64", "amd64"), primary)
     used = tuning_rows(df, "precision")
+    threads = threads_table(df)
     return dict(
         measured=not select(df, notebook="04_precision_threads_memory").empty,
         setting=setting_label(used), probe=probe, probe_summary=probe_summary, precision=precision_table(df),
-        fidelity=fidelity_table(df), adherence=adherence_table(df), threads=threads_table(df),
+        fidelity=fidelity_table(df), adherence=adherence_table(df), threads=threads,
+        thread_counts=sorted({int(t) for t in tuning_rows(df, "threads")["config.threads"].dropna()}),
+        fidelity_steps=(configured or {}).get("fidelity_steps"),
+        t5_layers=T5_PRESETS["t5-v1_1-xxl"]["num_layers"],
         startup=startup_table(df), memory=memory_table(df), headroom=HEADROOM_RULE,
         threshold=GAIN_THRESHOLD,
         graviton=recommendations(arm_rows, arm_id, guide_only=arm_id is None),
@@ -441,4 +451,5 @@ FIGURES = {
 
 
 def section(inputs: ReportInputs) -> dict:
-    return dict(tuning=tuning_section(inputs.records, inputs.environments, inputs.primary))
+    return dict(tuning=tuning_section(inputs.records, inputs.environments, inputs.primary,
+                                      inputs.configured.get(TUNING_NOTEBOOK)))

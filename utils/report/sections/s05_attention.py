@@ -10,7 +10,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from utils.io import GIB
-from utils.measure.records import one_environment, select, value_of
+from utils.measure.records import baseline_rows, one_environment, same, select, value_of
+from utils.model.stdit3 import STDIT3_PRESETS
 from utils.report.figures import FigureSpec, ReportInputs, context_label, new_figure, save_figure, setting_label
 
 # ---- notebook 05: attention kernels and the rewrites of the bottlenecks -----------------------------------
@@ -191,7 +192,7 @@ CHANGES = {  # what each rewrite changes, in words (the numbers come from record
                  "cross=best)`); the caption's padding trimmed from the cross-attention's keys",
     "cache_text_kv": "caption projection and each block's cross-attention K/V computed once per caption, "
                      "not per step",
-    "fused_rope": "temporal RoPE as one complex multiply by a cached table instead of ~8 elementwise passes",
+    "fused_rope": "temporal RoPE as one complex multiply by a cached table instead of a chain of elementwise passes",
     "fused_modulate": "LayerNorm + modulation as one affine LayerNorm (shared CFG modulation); gated residuals "
                       "as addcmul",
     "vae_channels_last": "VAE convolutions in channels-last layout",
@@ -315,7 +316,7 @@ def memory_wall(df: pd.DataFrame) -> pd.DataFrame | None:
     sdpa = select(df, variant="sdpa", metric="step_peak_bytes")
     sdpa = sdpa.assign(attention=_column(sdpa, "config.attention"))
     scores = select(df, variant="reference", metric="attention_peak_bytes")
-    budgets = next((b for b in _column(rows, "config.budgets")[::-1] if isinstance(b, list)), [24, 128])
+    budgets = next((b for b in _column(rows, "config.budgets")[::-1] if isinstance(b, list)), MEMORY_BUDGETS_GIB)
     name = lambda row: f"{row['config.resolution']} {int(row['config.frames'])} frames"  # noqa: E731
     out = []
     for (kind, dtype), group in rows.groupby(["attention", "config.dtype"], sort=False):
@@ -504,6 +505,23 @@ def micro_batches(df: pd.DataFrame) -> pd.DataFrame | None:
                          "added peak MiB": [None if a is None else a / 2**20 for a in added]})
 
 
+SAME_VIDEO = ("config.model", "config.resolution", "config.aspect_ratio", "config.frames", "config.steps",
+              "config.threads", "config.dtype")
+
+
+def baseline_elsewhere(df: pd.DataFrame, mine: pd.DataFrame) -> dict | None:
+    """This notebook's fp32 baseline video (derived) beside ``01_baseline``'s when both are at the same setting:
+    two runs of one quantity, each named by its run."""
+    here = select(mine, stage="total", metric="video_seconds", variant="baseline", **{"config.dtype": "fp32"})
+    there = select(baseline_rows(df), stage="total", metric="video_seconds")
+    if here.empty or there.empty:
+        return None
+    here, there = here.iloc[-1], there.iloc[-1]
+    if not all(same(pd.Series([there.get(k)], dtype=object), here.get(k)).iloc[0] for k in SAME_VIDEO):
+        return None
+    return dict(here=here["value"], here_run=here["run_id"], there=there["value"], there_run=there["run_id"])
+
+
 def attention_section(df: pd.DataFrame) -> dict | None:
     mine = _mine(df)
     if mine.empty:
@@ -524,7 +542,9 @@ def attention_section(df: pd.DataFrame) -> dict | None:
         rewrites=rewrite_table(df), reasons=rewrite_reasons(df), end_to_end=end_to_end(mine),
         ratios={d: r for d, r in ratios.items() if r is not None},
         layout={d: (s, layout[d] / steps[d] if steps[d] else None) for d, s in layout.items() if s is not None},
-        bottlenecks_after=bottlenecks_after(mine), micro_batches=micro_batches(mine))
+        bottlenecks_after=bottlenecks_after(mine), micro_batches=micro_batches(mine),
+        steps=e2e_rows["config.steps"].dropna().iloc[-1] if e2e_rows["config.steps"].notna().any() else None,
+        caption_keys=STDIT3_PRESETS["STDiT3-XL/2"].model_max_length, baseline_elsewhere=baseline_elsewhere(df, mine))
 
 
 # ---- the section's interface (utils.report.render) ----------------------------------------------------

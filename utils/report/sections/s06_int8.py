@@ -2,6 +2,7 @@
 INT8 section, assembled from stored records alone."""
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import pandas as pd
 
 from utils.io import GIB
 from utils.measure.records import one_environment, select, value_of
+from utils.optim.quantize import apply_quantize
 from utils.report.figures import FigureSpec, ReportInputs, context_label, new_figure, save_figure, setting_label, short
+from utils.report.sections.s04_precision_threads_memory import GAIN_THRESHOLD
 
 NOTEBOOK = "06_int8"
 
@@ -55,15 +58,16 @@ def kernel_table(df: pd.DataFrame) -> pd.DataFrame | None:
     for dtype in dict.fromkeys(rows["config.dtype"]):
         ours = select(rows, **{"config.dtype": dtype})
         float_s = select(ours, variant="float", metric="linear_seconds")["value"].sum()
+        layers = ours["config.layer"].nunique()
         for scheme in _ordered(ours["variant"], SCHEME_ORDER):
             mine = select(ours, variant=scheme)
             seconds = select(mine, metric="linear_seconds")["value"].sum()
             table.append({"dtype": dtype, "scheme": scheme,
                           **{f"{layer} GOP/s": value_of(mine, metric="gops", **{"config.layer": layer})
                              for layer in dict.fromkeys(mine["config.layer"])},
-                          "speed-up vs float (4 layers)": float_s / seconds if seconds else None,
+                          f"speed-up vs float ({layers} layers)": float_s / seconds if seconds else None,
                           "max rel. error": select(mine, metric="rel_error")["value"].max(),
-                          "quantise s (4 layers)": select(mine, metric="quantize_seconds")["value"].sum(),
+                          f"quantise s ({layers} layers)": select(mine, metric="quantize_seconds")["value"].sum(),
                           "first call s (max)": select(mine, metric="linear_seconds")["spread.first"].max()
                           if "spread.first" in mine.columns else None})
     return pd.DataFrame(table)
@@ -136,6 +140,24 @@ def adherence_table(df: pd.DataFrame) -> pd.DataFrame | None:
     return pd.DataFrame(table)
 
 
+def fp32_elsewhere(df: pd.DataFrame, adherence: pd.DataFrame | None) -> list[dict]:
+    """Per split: this notebook's fp32 all-correct adherence beside the quality baseline's (notebook 03), two
+    runs of one quantity with their clip counts and runs."""
+    if adherence is None:
+        return []
+    there = select(one_environment(df), notebook="03_quality_baseline", stage="adherence", variant="fp32",
+                   metric="adherence_all_correct")
+    here = adherence[adherence["variant"] == "fp32"]
+    out = []
+    for _, row in here.iterrows():
+        theirs = there[there["config.split"] == row["combinations"]]
+        if len(theirs):
+            out.append(dict(split=row["combinations"], here=row["all correct"], here_clips=row["clips"],
+                            there=theirs["value"].iloc[-1], there_clips=theirs["spread.n"].iloc[-1],
+                            there_run=theirs["run_id"].iloc[-1]))
+    return out
+
+
 def recommendation(variants: pd.DataFrame | None, adherence: pd.DataFrame | None,
                    sensitivity: pd.DataFrame | None = None) -> dict | None:
     """The fastest transformer variant whose mini-model adherence stays within ``ADHERENCE_MARGIN`` of fp32
@@ -189,9 +211,12 @@ def arm_paths(records: pd.DataFrame | None) -> pd.DataFrame | None:
                          for _, r in rows.sort_values(["variant", "config.arm_profile"]).iterrows()])
 
 
-def int8_section(df: pd.DataFrame, records: pd.DataFrame | None = None) -> dict | None:
+def int8_section(df: pd.DataFrame, records: pd.DataFrame | None = None, configured: dict | None = None,
+                 environment: dict | None = None) -> dict | None:
     """The section's tables from the primary environment's records ``df``; ``records`` (every environment)
-    adds the emulated aarch64 int8 checks."""
+    adds the emulated aarch64 int8 checks; ``configured`` (notebook 06's configured parameters) the values no
+    record stores (calibration prompts, the sampling steps of the fidelity runs); ``environment`` (the primary
+    fingerprint) the torchao version."""
     mine = select(one_environment(df), notebook=NOTEBOOK)
     if mine.empty:
         return None
@@ -200,10 +225,20 @@ def int8_section(df: pd.DataFrame, records: pd.DataFrame | None = None) -> dict 
     failed = int8_rows(df, "variants", metric="not_run").drop_duplicates("variant", keep="last")
     not_run = {row["variant"]: row["note"].removeprefix("not run: ") for _, row in failed.iterrows()
                if variants is None or row["variant"] not in set(variants["variant"])}
+    configured = configured or {}
+    here_runs = int8_rows(df, "adherence", variant="fp32")["run_id"].dropna()
+    mini_steps = int8_rows(df, "sensitivity", **{"config.sensitivity_model": "mini"})["config.steps"].dropna()
     return dict(kernels=kernel_table(df), variants=variants, not_run=not_run, sensitivity=sensitivity, adherence=adherence,
                 recommendation=recommendation(variants, adherence, sensitivity), arm=arm_paths(records),
                 setting=setting_label(timed) if len(timed) else None,
-                threads=mine["config.threads"].dropna().iloc[-1] if mine["config.threads"].notna().any() else None)
+                threads=mine["config.threads"].dropna().iloc[-1] if mine["config.threads"].notna().any() else None,
+                torchao=((environment or {}).get("libraries") or {}).get("torchao"),
+                smoothquant_alpha=inspect.signature(apply_quantize).parameters["alpha"].default,
+                calibration_prompts=configured.get("calibration_prompts"),
+                fidelity_steps=configured.get("fidelity_steps"),
+                mini_steps=mini_steps.iloc[-1] if len(mini_steps) else None,
+                gain_threshold=GAIN_THRESHOLD, fp32_elsewhere=fp32_elsewhere(df, adherence),
+                adherence_run=here_runs.iloc[-1] if len(here_runs) else None)
 
 
 # ---- figures --------------------------------------------------------------------------------------------
@@ -339,4 +374,4 @@ FIGURES = {
 
 
 def section(inputs: ReportInputs) -> dict:
-    return dict(int8=int8_section(inputs.df, inputs.records))
+    return dict(int8=int8_section(inputs.df, inputs.records, inputs.configured.get(NOTEBOOK), inputs.environment))

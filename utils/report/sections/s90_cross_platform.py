@@ -192,6 +192,9 @@ def cross_platform_figure(totals: pd.DataFrame, projection: pd.DataFrame, path) 
         return None
     bars = [(f"{r.platform}\n{r.variant} ({r.dtype}, T5 {r.text_encoder_dtype})", f"{r.resolution} {r.frames}f",
              r.seconds, False) for r in totals.itertuples()]
+    steps = {f"{r.resolution} {r.frames}f": set() for r in totals.itertuples()}
+    for r in totals.itertuples():
+        steps[f"{r.resolution} {r.frames}f"].add(int(r.steps))
     if projection is not None and not projection.empty:
         per_instance = projection.groupby(["instance", "generation", "resolution", "frames"], as_index=False)
         for r in per_instance.projected_seconds.sum().itertuples():
@@ -208,7 +211,8 @@ def cross_platform_figure(totals: pd.DataFrame, projection: pd.DataFrame, path) 
                         va="center", fontsize=7)
         ax.set_yticks(range(len(chosen)), [b[0] for b in chosen], fontsize=7)
         ax.set_xscale("log")
-        ax.set(title=f"{setting}, 30 steps", xlabel="seconds per video")
+        counts = "/".join(str(n) for n in sorted(steps.get(setting, ())))
+        ax.set(title=f"{setting}, {counts} steps" if counts else setting, xlabel="seconds per video")
         ax.grid(axis="x", alpha=0.3)
     figure.suptitle("Seconds per video by platform: derived from measured stage times (solid), "
                     "projected (hatched); random weights", fontsize=10)
@@ -229,7 +233,7 @@ def _cross_platform(xp: dict) -> dict | None:
     if not xp["costs"].empty:
         costs = xp["costs"][["platform", "instance", "variant", "resolution", "frames", "seconds", "kind",
                              "usd_per_hour", "unit", "usd_per_video", "date"]]
-    return dict(totals=totals.drop(columns=["environment_id"]),
+    return dict(totals=totals.drop(columns=["environment_id"]), steps=sorted({int(s) for s in xp["totals"]["steps"]}),
                 published=None if xp["published"].empty else xp["published"],
                 projection=projection, costs=costs, gemm_efficiency=xp["gemm_efficiency"],
                 fractions=None if xp["projection"].empty else
