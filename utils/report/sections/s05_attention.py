@@ -13,6 +13,7 @@ from utils.io import GIB
 from utils.measure.records import baseline_rows, one_environment, same, select, value_of
 from utils.model.stdit3 import STDIT3_PRESETS
 from utils.report.figures import FigureSpec, ReportInputs, context_label, new_figure, save_figure, setting_label
+from utils.report.formats import kinds_of
 
 # ---- notebook 05: attention kernels and the rewrites of the bottlenecks -----------------------------------
 
@@ -535,6 +536,7 @@ def attention_section(df: pd.DataFrame) -> dict | None:
              for d in DTYPE_ORDER}
     return dict(
         setting=setting_label(setting_rows), threads=last["config.threads"], kernels=kernel_table(mine),
+        kernels_kind=kinds_of(select(mine, metric="sdpa_kernel")),
         at_setting=kernels_at_setting(mine, last["config.resolution"], last["config.frames"]),
         crossovers=crossovers(mine), best=best_table(mine), wall=memory_wall(mine), confirm=confirm(mine),
         skipped=len(select(mine, metric="skipped")), timed=len(select(mine, stage="attention", metric="seconds")),
