@@ -25,7 +25,7 @@ from utils.optim.attention import AttentionShape, model_shapes, peak_bytes
 FP32 = 1e-5
 BF16 = 3e-2
 CHUNKED = 1e-6
-ALL_CROSS = ("reference", "sdpa", "chunked", "bmm", "trimmed", "trimmed_bmm", "packed")
+ALL_CROSS = ("reference", "sdpa", "chunked", "bmm", "packed")
 
 
 def relative(out, expected):
@@ -80,7 +80,7 @@ def test_fully_padded_sample_gives_zeros_like_sdpa(variant):
     assert relative(out, baseline) < FP32
 
 
-@pytest.mark.parametrize("variant", ["trimmed", "packed", "best"])
+@pytest.mark.parametrize("variant", ["packed", "best"])
 def test_no_attended_key_at_all(variant):
     q, k, v = qkv()
     out = attn.attention_function("cross", variant)(q, k, v, key_mask([0, 0, 0]))
@@ -94,14 +94,6 @@ def test_non_prefix_mask(variant):
     mask[:, ..., 0] = True
     fn = attn.attention_function("cross", variant) or attn.sdpa
     assert relative(fn(q, k, v, mask), attn.sdpa(q, k, v, mask)) < FP32
-
-
-def test_trim_keys_drops_only_padding_of_every_sample():
-    _, k, v = qkv()
-    k2, v2, mask = attn.trim_keys(k, v, key_mask([9, 9, 9]))
-    assert k2.shape[-2] == 9 and v2.shape[-2] == 9 and mask is None  # equal lengths (CFG): no mask left
-    k2, _, mask = attn.trim_keys(k, v, key_mask([9, 4, 9]))
-    assert k2.shape[-2] == 9 and mask.shape[-1] == 9
 
 
 @pytest.mark.parametrize("chunk_mib", [0.0005, 0.004, 1.0])  # one query row, several samples, everything
@@ -153,7 +145,7 @@ def test_set_attention_keeps_the_model_output(tiny, stdit3_reference, choice, ca
     keys = list(tiny.state_dict())
     with torch.no_grad():
         baseline = tiny(**inputs)
-        cross = {"chunked": "trimmed", "bmm": "packed"}.get(choice, choice)
+        cross = {"bmm": "packed"}.get(choice, choice)
         attn.set_attention(tiny, spatial=choice, temporal=choice, cross=cross, chunk_mib=0.001)
         try:
             out = tiny(**inputs)
@@ -172,11 +164,25 @@ def test_best_kernel_prefers_this_environment_and_nearest_length():
     entries = [dict(attention="temporal", dtype="fp32", key_length=15, best="bmm", environment_id="here", arch="x"),
                dict(attention="temporal", dtype="fp32", key_length=120, best="sdpa", environment_id="here", arch="x"),
                dict(attention="temporal", dtype="fp32", key_length=15, best="sdpa", environment_id="there", arch="x")]
-    assert attn.best_kernel(entries, "temporal", torch.float32, 20, "here", "x") == "bmm"
-    assert attn.best_kernel(entries, "temporal", torch.float32, 100, "here", "x") == "sdpa"
-    assert attn.best_kernel(entries, "temporal", torch.float32, 15, "elsewhere", "x") in ("bmm", "sdpa")
-    assert attn.best_kernel(entries, "temporal", torch.float32, 15, "elsewhere", "y") in ("bmm", "sdpa")
-    assert attn.best_kernel(entries, "spatial", torch.float32, 15, "here", "x") == "sdpa"  # no entry: SDPA
+    assert attn.best_kernel(entries, "temporal", torch.float32, 20, 20, "here", "x") == "bmm"
+    assert attn.best_kernel(entries, "temporal", torch.float32, 100, 100, "here", "x") == "sdpa"
+    assert attn.best_kernel(entries, "temporal", torch.float32, 15, 15, "elsewhere", "x") in ("bmm", "sdpa")
+    assert attn.best_kernel(entries, "temporal", torch.float32, 15, 15, "elsewhere", "y") in ("bmm", "sdpa")
+    assert attn.best_kernel(entries, "spatial", torch.float32, 15, 15, "here", "x") == "sdpa"  # no entry: SDPA
+
+
+def test_best_kernel_is_chosen_per_call_shape():
+    """Two settings with the same key length but different query lengths keep their own winners."""
+    entries = [dict(attention="cross", dtype="bf16", query_length=1620, key_length=18, best="bmm",
+                    environment_id="e", arch="a"),
+               dict(attention="cross", dtype="bf16", query_length=24300, key_length=18, best="sdpa",
+                    environment_id="e", arch="a")]
+    assert attn.best_kernel(entries, "cross", torch.bfloat16, 1620, 18, "e", "a") == "bmm"
+    assert attn.best_kernel(entries, "cross", torch.bfloat16, 20000, 18, "e", "a") == "sdpa"
+    fn = attn.best_attention("cross", entries)
+    q, k, v = qkv(batch=2, q_len=40, k_len=18, dtype=torch.bfloat16)
+    fn(q, k, v)
+    assert fn.choices == {("bf16", 40, 18): "bmm"}
 
 
 def test_best_never_builds_a_large_score_matrix():
@@ -194,13 +200,15 @@ def test_committed_best_table_is_well_formed():
         assert entry["best"] in attn.BEST_CANDIDATES and entry["key_length"] > 0
 
 
-def test_store_best_table_replaces_same_identity(tmp_path):
+def test_store_best_table_replaces_the_notebooks_entries_of_an_environment(tmp_path):
     path = tmp_path / "best.json"
-    first = dict(environment_id="e", arch="a", attention="cross", dtype="fp32", key_length=300, best="sdpa")
-    store_best_table([first, dict(first, key_length=20)], path)
-    store_best_table([dict(first, best="bmm")], path)
+    first = dict(environment_id="e", arch="a", attention="cross", dtype="fp32", query_length=810, key_length=18,
+                 best="sdpa", source="notebook 05_attention")
+    notes = dict(first, query_length=405, key_length=300, source="x86-ceilings.md 3c")
+    store_best_table([first, dict(first, query_length=1620), notes], path)
+    store_best_table([dict(first, best="bmm")], path)  # a rerun measured only one shape
     entries = json.loads(path.read_text())["entries"]
-    assert len(entries) == 2 and {e["best"] for e in entries if e["key_length"] == 300} == {"bmm"}
+    assert [(e["query_length"], e["best"]) for e in entries] == [(405, "sdpa"), (810, "bmm")]
 
 
 # ---- shapes, memory model, SDPA kernel, the benchmark -----------------------------------------------------
@@ -210,6 +218,7 @@ def test_model_shapes_at_240p():
     assert shapes["spatial"] == AttentionShape("spatial", 30, 405, 405)
     assert shapes["temporal"] == AttentionShape("temporal", 810, 15, 15)
     assert shapes["cross"] == AttentionShape("cross", 2, 6075, 300)
+    assert model_shapes(15, 405, caption_tokens=18)["cross"].k_len == 18
 
 
 def test_reference_memory_model():
@@ -231,12 +240,13 @@ def test_benchmark_plans_measures_derives_and_skips():
 
     pipe = load_pipeline("tiny", dtype="fp32", load=())
     cases = make_cases(pipe, ["144p"], "9:16", [17], ["fp32"], caption_length=3,
-                       variants={"spatial": ("sdpa", "bmm"), "temporal": ("bmm",), "cross": ("trimmed", "sdpa_nomask")})
+                       variants={"spatial": ("sdpa", "bmm"), "temporal": ("bmm",),
+                                 "cross": ("bmm", "padded", "packed")})
+    assert {c.work.k_len for c in cases if c.kind == "cross"} == {3, pipe.transformer.config.model_max_length}
     policy = TimingPolicy(warmup=1, repeats=1, threads=1)
     rows = list(run(cases, policy, max_call_s=1e-4, max_gib=1.0, skip_s=10.0))
     assert len(rows) == len(cases) and {r["status"] for r in rows} <= {"measured", "derived"}
-    assert all(r["seconds"] > 0 and r["accuracy"]["rel_l2_error_vs_fp64"] < FP32 for r in rows
-               if r["case"].variant != "sdpa_nomask")
+    assert all(r["seconds"] > 0 and r["accuracy"]["rel_l2_error_vs_fp64"] < FP32 for r in rows)
     assert any(r["status"] == "derived" for r in rows)  # the tiny time cap forces partial measurements
     skipped = list(run(cases[:1], policy, max_call_s=1e-4, max_gib=1.0, skip_s=0.0))
     assert skipped[0]["status"] == "skipped" and skipped[0]["reason"]
@@ -244,3 +254,21 @@ def test_benchmark_plans_measures_derives_and_skips():
     assert {r.metric for r in records} == {"predicted_peak_bytes", "seconds", "peak_rss_increase_bytes", "skipped"}
     entries = best_entries(rows, "e", 1)
     assert {e["attention"] for e in entries} <= {"spatial"} and all(e["best"] in ("sdpa", "bmm") for e in entries)
+    assert all(e["query_length"] == e["key_length"] for e in entries)
+
+
+def test_upstream_formulation_gives_the_faithful_output_and_restores_the_model(tiny, stdit3_reference):
+    """Upstream's caption path (all tokens projected, valid ones packed, one attention per sample), patched
+    in for the notebook's side-by-side timing, computes what the model computes; the model is itself after."""
+    from utils.experiments.e05_attention import upstream_formulation
+
+    tensors, _ = stdit3_reference
+    inputs = prefixed(tensors, "case2.input.")  # CFG batch with a caption mask
+    with torch.no_grad():
+        ours = tiny(**inputs)
+        with upstream_formulation(tiny):
+            theirs = tiny(**inputs)
+        again = tiny(**inputs)
+    assert (ours - theirs).abs().max() < FP32 * max(1.0, float(ours.abs().max()))
+    assert torch.equal(again, ours)
+    assert "encode_caption" not in vars(tiny) and "forward" not in vars(tiny.spatial_blocks[0].cross_attn)

@@ -95,3 +95,38 @@ def test_bf16_forward_close_to_fp32(tiny, stdit3_reference):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="accepted: STDiT3-XL/2, tiny"):
         build_stdit3("STDiT3-XXL")
+
+
+@pytest.mark.parametrize("lengths", [(5, 5), (7, 3), (0, 0)])  # CFG (equal), unequal, no valid token at all
+def test_cross_attention_sees_only_valid_caption_tokens(tiny, lengths):
+    """The model drops the caption's padding before the projection (upstream packs the valid tokens): the
+    output equals attending over all padded tokens with the key mask, and the projection gets the valid
+    tokens only, with no key mask left when every sample has the same caption length."""
+    g = torch.Generator().manual_seed(0)
+    cfg = tiny.config
+    B, L = len(lengths), cfg.model_max_length
+    x = torch.randn(B, cfg.in_channels, 3, 8, 8, generator=g)
+    y = torch.randn(B, 1, L, cfg.caption_channels, generator=g)
+    mask = (torch.arange(L) < torch.tensor(lengths)[:, None]).long()
+    args = dict(timestep=torch.tensor([500.0] * B), y=y, mask=mask, fps=torch.tensor([24.0]),
+                height=torch.tensor([64.0]), width=torch.tensor([64.0]))
+    seen = []
+    hook = tiny.y_embedder.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[1]))
+    padded_forward = tiny.encode_caption
+
+    def padded(y, mask):  # the previous formulation: all L tokens projected, the padding masked
+        return tiny.y_embedder(y.squeeze(1)), mask.repeat(B // mask.shape[0], 1).bool()
+
+    with torch.no_grad():
+        out = tiny(x, **args)
+        y_valid, key_mask = tiny.encode_caption(y, mask)
+        tiny.encode_caption = padded
+        try:
+            expected = tiny(x, **args)
+        finally:
+            tiny.encode_caption = padded_forward
+    hook.remove()
+    assert seen[0] == max(max(lengths), 1)
+    assert y_valid.shape[1] == max(max(lengths), 1)
+    assert (key_mask is None) == (len(set(lengths)) == 1 and lengths[0] > 0)
+    assert (out - expected).abs().max() < ATOL * max(1.0, float(expected.abs().max()))

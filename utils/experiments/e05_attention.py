@@ -13,6 +13,7 @@ even at one sequence is recorded as skipped. Identical measured shapes are measu
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import platform
 import time
@@ -22,11 +23,13 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from tqdm.auto import tqdm
 
-from utils.io import GIB, merge_table
+from utils.io import GIB, read_table, write_json_atomic
 from utils.measure.benchmark import TimingPolicy, measure, measure_with_memory
+from utils.measure.compare import Spread, verdict
 from utils.measure.fidelity import compare
 from utils.measure.profiling import STDIT3_GROUPS, module_breakdown
 from utils.measure.records import baseline_rows, environment_records, value_of
@@ -183,11 +186,13 @@ def compare_decode(pipe: OpenSoraPipeline, latents: torch.Tensor, setting, laten
     return out
 
 
-# the variants measured per attention type; "sdpa_nomask" (cross) attends to the padding too: it only
-# prices the mask
+# the variants measured per attention type. The model's cross-attention attends to the caption's valid
+# tokens (batched, no mask under CFG); two cross variants take the caption padded to its 300 tokens with the
+# key mask instead: "padded" (SDPA over all of them: the formulation this study used before) and "packed"
+# (one SDPA call per sample over its valid keys: upstream's xformers formulation, as a loop)
 VARIANTS = {"spatial": ("reference", "sdpa", "chunked", "bmm"),
             "temporal": ("reference", "sdpa", "bmm"),
-            "cross": ("reference", "sdpa", "sdpa_nomask", "bmm", "chunked", "trimmed", "trimmed_bmm", "packed")}
+            "cross": ("reference", "sdpa", "bmm", "chunked", "padded", "packed")}
 
 # GFLOP/s assumed for planning until a variant has been measured (x86 notes 3c, 2 threads; others guessed low)
 ASSUMED_GFLOPS = {("spatial", "sdpa"): 90, ("spatial", "bmm"): 35, ("temporal", "sdpa"): 8, ("temporal", "bmm"): 12,
@@ -195,15 +200,13 @@ ASSUMED_GFLOPS = {("spatial", "sdpa"): 90, ("spatial", "bmm"): 35, ("temporal", 
 
 DEFAULT_GFLOPS = 20.0
 
-KERNEL_OF = {"sdpa_nomask": "sdpa", "trimmed": "sdpa", "trimmed_bmm": "bmm", "packed": "sdpa"}
+KERNEL_OF = {"padded": "sdpa", "packed": "sdpa"}
 
-TRIMS_KEYS = ("trimmed", "trimmed_bmm", "packed")
+PADDED_INPUTS = ("padded", "packed")  # cross variants given the padded caption and its key mask
 
 
 def variant_function(variant: str, chunk_mib: float = attn.DEFAULT_CHUNK_MIB):
-    if variant == "sdpa_nomask":
-        return lambda q, k, v, attn_mask=None: attn.sdpa(q, k, v)
-    if variant == "sdpa":
+    if variant in ("sdpa", "padded"):
         return attn.sdpa
     return attn.attention_function("cross" if variant in attn.CROSS_ONLY else "spatial", variant, chunk_mib)
 
@@ -220,32 +223,41 @@ class Case:
     frames: int  # pixel frames
     latent_frames: int
     tokens_per_frame: int
-    caption_length: int  # valid caption tokens (the rest of the 300 are padding)
+    caption_length: int  # valid caption tokens: the model's cross-attention keys (shape.k_len)
+    padded_length: int  # the caption's tokens with the padding (the model's max length)
 
     @property
     def work(self) -> AttentionShape:
-        """The shape of the work actually done: the trimmed/packed variants see only the valid keys."""
-        return replace(self.shape, k_len=self.caption_length) if self.variant in TRIMS_KEYS else self.shape
+        """The shape of the work actually done: "padded" attends to the padding too."""
+        return replace(self.shape, k_len=self.padded_length) if self.variant == "padded" else self.shape
+
+    def input_shape(self, shape: AttentionShape) -> AttentionShape:
+        """``shape`` (the case's or a part of it) as this variant's inputs have it: padded or valid keys."""
+        return replace(shape, k_len=self.padded_length) if self.variant in PADDED_INPUTS else shape
 
 
 def make_cases(pipe, resolutions, aspect_ratio: str, frame_counts, dtypes, variants=VARIANTS,
                caption_length: int = 300) -> list[Case]:
-
+    """The cases of every setting, attention type, dtype and variant; cross shapes have the caption's
+    ``caption_length`` valid tokens as keys, as the model runs them."""
     cases = []
+    padded_length = pipe.transformer.config.model_max_length
     for resolution in resolutions:
         for frames in frame_counts:
             setting = VideoSetting.create(resolution, aspect_ratio, frames)
-            T, S, shapes = attn.setting_shapes(pipe, setting)
+            T, S, shapes = attn.setting_shapes(pipe, setting, caption_length)
             for kind, shape in shapes.items():
                 for dtype in dtypes:
-                    cases += [Case(kind, variant, dtype, shape, resolution, setting.num_frames, T, S, caption_length)
+                    cases += [Case(kind, variant, dtype, shape, resolution, setting.num_frames, T, S, caption_length,
+                                   padded_length)
                               for variant in variants.get(kind, ())]
     return cases
 
 
 def make_inputs(shape: AttentionShape, dtype: torch.dtype, caption_length: int, seed: int = 0):
     """q, k, v (and the key mask) in the model's layouts: self-attention q, k fresh from the norms
-    (contiguous), v a view of the qkv projection; cross q and k, v views of their projections."""
+    (contiguous), v a view of the qkv projection; cross q and k, v views of their projections, with a key
+    mask only when ``shape`` has more keys than the caption's ``caption_length`` valid tokens."""
     g = torch.Generator().manual_seed(seed)
     B, L, H, D = shape.batch, shape.q_len, shape.heads, shape.head_dim
     if shape.kind != "cross":
@@ -253,6 +265,8 @@ def make_inputs(shape: AttentionShape, dtype: torch.dtype, caption_length: int, 
         return qkv[0].contiguous(), qkv[1].contiguous(), qkv[2], None
     q = torch.randn(B, L, H, D, generator=g).to(dtype).transpose(1, 2)  # [B, H, Lq, D]
     kv = torch.randn(B, shape.k_len, 2, H, D, generator=g).to(dtype).permute(2, 0, 3, 1, 4)  # [2, B, H, Lk, D]
+    if caption_length >= shape.k_len:
+        return q, kv[0], kv[1], None
     mask = (torch.arange(shape.k_len) < caption_length).expand(B, -1)[:, None, None]  # [B, 1, 1, Lk]
     return q, kv[0], kv[1], mask
 
@@ -269,14 +283,14 @@ def exact(q, k, v, attn_mask=None):
 def accuracy(variant: str, shape: AttentionShape, dtype: torch.dtype, caption_length: int, seed: int = 0,
              queries: int = 128) -> dict:
     """Errors of ``variant`` against float64 on the first ``queries`` queries of one sequence of ``shape``
-    (cross: of both samples), against all of its keys."""
+    (its inputs' shape; cross: of both samples), against all of its keys."""
     small = replace(shape, batch=min(shape.batch, 2 if shape.kind == "cross" else 1))
     if shape.kind == "cross":
         small = replace(small, q_len=min(shape.q_len, queries))
     q, k, v, mask = make_inputs(small, dtype, caption_length, seed)
     q = q[:, :, :queries]
     out = variant_function(variant)(q, k, v, mask).double()
-    expected = exact(q, k, v, None if variant == "sdpa_nomask" else mask)
+    expected = exact(q, k, v, mask)
     return dict(max_abs_error_vs_fp64=float((out - expected).abs().max()),
                 rel_l2_error_vs_fp64=float((out - expected).norm() / expected.norm()))
 
@@ -327,7 +341,8 @@ def run(cases: list[Case], policy: TimingPolicy, max_call_s: float, max_gib: flo
             continue
         key = (case.kind, case.variant, case.dtype, measured, case.caption_length)
         if key not in done:
-            q, k, v, mask = make_inputs(measured, dtype, case.caption_length, seed)
+            inputs = case.input_shape(measured)
+            q, k, v, mask = make_inputs(inputs, dtype, case.caption_length, seed)
             fn = variant_function(case.variant, chunk_mib)
             B, L, C = measured.batch, measured.q_len, measured.heads * measured.head_dim
             return_freed_memory()
@@ -335,7 +350,7 @@ def run(cases: list[Case], policy: TimingPolicy, max_call_s: float, max_gib: flo
             with torch.inference_mode():  # the model's output reshape is part of a kernel's cost
                 timing = measure(lambda: fn(q, k, v, mask).transpose(1, 2).reshape(B, L, C), policy=policy)
                 done[key] = dict(timing=timing, peak=timing.peak_rss_bytes - before,
-                                 accuracy=accuracy(case.variant, measured, dtype, case.caption_length, seed))
+                                 accuracy=accuracy(case.variant, inputs, dtype, case.caption_length, seed))
             del q, k, v, mask
             rates[(case.kind, case.variant, case.dtype)] = measured_work.flops / timing.median_s / 1e9
         result = done[key]
@@ -385,41 +400,43 @@ def confirm_reference_memory(shape: AttentionShape, dtype: torch.dtype, target_g
 
 # ---- the "best" table ----------------------------------------------------------------------------------
 
-BEST_OF = {"sdpa": "sdpa", "bmm": "bmm", "chunked": "chunked", "trimmed": "sdpa", "trimmed_bmm": "bmm"}
+BEST_SOURCE = "notebook 05_attention"
 
 
 def best_entries(rows: list[dict], environment_id: str, threads: int) -> list[dict]:
-    """Table entries from ``run`` rows: per (type, dtype, key length) the kernel with the least total
-    full-shape time over the shapes where every candidate was timed."""
-    totals: dict[tuple, dict[str, dict]] = {}
+    """Table entries from ``run`` rows: per attention type, dtype and call shape (query and key lengths) the
+    candidate kernel (``attention.BEST_CANDIDATES``) with the least full-shape time, among the kernels timed
+    at every setting with that shape (settings that share the lengths differ only in batch: their times add)."""
+    timed: dict[tuple, dict[tuple, dict]] = {}
     for row in rows:
         case = row["case"]
-        if row["seconds"] is None or case.variant not in BEST_OF:
+        if row["seconds"] is None or case.variant not in attn.BEST_CANDIDATES:
             continue
-        padded = case.kind == "cross" and case.caption_length < case.shape.k_len
-        if padded and case.variant in ("sdpa", "bmm", "chunked"):
-            continue  # masked over padding: not what "best" runs (it trims first)
-        key = (case.kind, case.dtype, case.work.k_len)
-        per_shape = totals.setdefault(key, {}).setdefault((case.resolution, case.frames), {})
-        per_shape[BEST_OF[case.variant]] = row["seconds"]
+        key = (case.kind, case.dtype, case.shape.q_len, case.shape.k_len)
+        timed.setdefault(key, {}).setdefault((case.resolution, case.frames), {})[case.variant] = row["seconds"]
     entries = []
-    for (kind, dtype, key_length), shapes in totals.items():
-        kernels = set.intersection(*(set(s) for s in shapes.values()))
+    for (kind, dtype, query_length, key_length), settings in timed.items():
+        kernels = set.intersection(*(set(s) for s in settings.values()))
         if len(kernels) < 2:
             continue
-        seconds = {k: sum(s[k] for s in shapes.values()) for k in sorted(kernels)}
+        seconds = {k: sum(s[k] for s in settings.values()) for k in sorted(kernels)}
         entries.append(dict(environment_id=environment_id, arch=platform.machine(), attention=kind, dtype=dtype,
-                            key_length=key_length, best=min(seconds, key=seconds.get), seconds=seconds,
-                            threads=threads, source=f"notebook 05_attention, {len(shapes)} settings"))
+                            query_length=query_length, key_length=key_length, best=min(seconds, key=seconds.get),
+                            seconds=seconds, settings=sorted(f"{r} {f} frames" for r, f in settings), threads=threads,
+                            source=BEST_SOURCE))
     return entries
 
 
 def store_best_table(entries: list[dict], path: Path | str = attn.BEST_TABLE) -> None:
-    """Add ``entries`` to the table, replacing those of the same environment, type, dtype and key
-    length; written whole beside the file, then renamed."""
-    doc = ("Fastest attention kernel per attention type, dtype and key length (notebook 05_attention), read by "
-           "utils.optim.attention's 'best' mode.")
-    merge_table(path, entries, lambda e: (e.get("environment_id"), e["attention"], e["dtype"], e["key_length"]), doc)
+    """Replace the notebook's earlier entries of the environments in ``entries`` by ``entries`` (other
+    sources, such as the ceilings notes, stay); written whole beside the file, then renamed."""
+    doc = ("Fastest attention kernel per attention type, dtype and call shape (query and key lengths; notebook "
+           "05_attention), read by utils.optim.attention's 'best' mode.")
+    environments = {e["environment_id"] for e in entries}
+    kept = [e for e in read_table(path)
+            if not (e.get("environment_id") in environments and e.get("source", "").startswith(BEST_SOURCE))]
+    key = lambda e: (e.get("environment_id", ""), e["attention"], e["dtype"], *attn.entry_lengths(e))  # noqa: E731
+    write_json_atomic(path, {"_doc": doc, "entries": sorted(kept + entries, key=key)})
 
 
 # ---- the notebook's measurements: each stores its records and returns the table shown -----------------
@@ -580,19 +597,20 @@ def confirm_memory_wall(store: ResultsStore, wall: pd.DataFrame, budgets, confir
 
 
 def best_kernels(store: ResultsStore, rows: list[dict], path: Path | str, model: str, threads: int) -> pd.DataFrame:
-    """The fastest kernel per type, dtype and key length among ``kernel_benchmark``'s rows (``best_entries``),
+    """The fastest kernel per type, dtype and call shape among ``kernel_benchmark``'s rows (``best_entries``),
     written to the table at ``path`` (``store_best_table``) and stored as derived records (the winner's
-    summed seconds, every candidate's in the note). Returns the entries (type, dtype, key length, best,
+    seconds, every candidate's in the note). Returns the entries (type, dtype, query and key lengths, best,
     seconds per kernel)."""
     entries = best_entries(rows, store.environment_id, threads)
     store_best_table(entries, path)
     store.add(*[Record(variant=entry["best"], stage="attention", metric="best_kernel_seconds", unit="s",
                        value=entry["seconds"][entry["best"]], kind="derived",
                        config=make_config(model=model, dtype=entry["dtype"], threads=threads,
-                                          attention=entry["attention"], key_length=entry["key_length"]),
+                                          attention=entry["attention"], query_length=entry["query_length"],
+                                          key_length=entry["key_length"], settings=entry["settings"]),
                        note="; ".join(f"{k} {v:.4g} s" for k, v in entry["seconds"].items()))
                 for entry in entries])
-    return pd.DataFrame(entries, columns=["attention", "dtype", "key_length", "best", "seconds"])
+    return pd.DataFrame(entries, columns=["attention", "dtype", "query_length", "key_length", "best", "seconds"])
 
 
 def block_pair_rewrites(store: ResultsStore, pipe: OpenSoraPipeline, setting: VideoSetting, y: torch.Tensor,
@@ -748,3 +766,96 @@ def end_to_end(store: ResultsStore, pipe: OpenSoraPipeline, setting: VideoSettin
                           for row in _end_to_end_in(dtype, store, pipe, setting, y, mask, transformer_steps, vae_steps,
                                                     micro_batch_sizes, policy, full_decode, encode)])
     return table.assign(ratio=table.rewritten_s / table.baseline_s)
+
+
+# ---- the faithful cross-attention against upstream's own formulation -----------------------------------
+
+def _upstream_encode_caption(model: STDiT3):
+    """Upstream's caption path: every one of the 300 tokens through the caption projection, the key mask kept
+    (``STDiT3.forward``: ``y_embedder`` then ``masked_select`` of the valid tokens in the cross-attention)."""
+    def encode_caption(y, mask):
+        B = y.shape[0]
+        return model.y_embedder(y.squeeze(1)), mask.repeat(B // mask.shape[0], 1).bool()
+    return encode_caption
+
+
+def _upstream_cross_attention(module):
+    """Upstream's ``MultiHeadCrossAttention``: the valid caption tokens of all samples packed into one
+    sequence, one K/V projection over it, then each sample's queries against its own keys (xformers'
+    ``BlockDiagonalMask``; here one SDPA call per sample, the same maths)."""
+    def forward(x, y, key_mask):
+        B, N, C = x.shape
+        H, D = module.num_heads, module.head_dim
+        lengths = key_mask.sum(1).tolist()
+        q = module.q_linear(x).view(B, N, H, D).transpose(1, 2)  # [B, H, N, D]
+        kv = module.kv_linear(y[key_mask]).view(-1, 2, H, D)  # [sum of lengths, 2, H, D]
+        out = torch.empty_like(q)
+        for b, (k, v) in enumerate(zip(kv[:, 0].split(lengths), kv[:, 1].split(lengths))):
+            out[b:b + 1] = F.scaled_dot_product_attention(q[b:b + 1], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+        return module.proj(out.transpose(1, 2).reshape(B, N, C))
+    return forward
+
+
+class upstream_formulation:
+    """Within the block, ``model`` runs its caption path as upstream does (``_upstream_encode_caption``,
+    ``_upstream_cross_attention``); the model's own methods come back on exit."""
+
+    def __init__(self, model: STDiT3):
+        self.model = model
+        self.modules = [block.cross_attn for block in (*model.spatial_blocks, *model.temporal_blocks)]
+
+    def __enter__(self):
+        self.model.encode_caption = _upstream_encode_caption(self.model)
+        for module in self.modules:
+            module.forward = _upstream_cross_attention(module)
+        return self.model
+
+    def __exit__(self, *exc):
+        del self.model.encode_caption
+        for module in self.modules:
+            del module.forward
+
+
+UPSTREAM_CHECK_NOTE = ("one CFG transformer call, this study's faithful cross-attention (valid caption tokens, "
+                       "batched) and upstream's formulation (all 300 tokens projected, valid ones packed, one "
+                       "attention per sample) alternated in one process, same random weights and inputs")
+
+
+def upstream_formulation_check(store: ResultsStore, pipe: OpenSoraPipeline, setting: VideoSetting, y: torch.Tensor,
+                               mask: torch.Tensor, dtypes, rounds: int, threads: int) -> pd.DataFrame:
+    """Per dtype, the real-size transformer (random weights) called at ``setting`` (CFG batch 2) with its own
+    cross-attention and with upstream's formulation (``upstream_formulation``), alternated for ``rounds``
+    rounds after one warm-up call each (A B A B ...: a slow spell falls on both), the outputs compared.
+    Stores per variant the median with every call's seconds, and the ratio with the verdict of the comparison
+    protocol (``utils.measure.compare.verdict`` over the calls). Returns one row per dtype."""
+    rows = []
+    for dtype in dtypes:
+        model = load_pipeline(pipe.preset, weights="random", dtype=dtype, load=("transformer",)).transformer
+        args, kwargs = pair_inputs(pipe, setting, y, mask, DTYPES[dtype])
+        seconds: dict[str, list[float]] = {"faithful": [], "upstream": []}
+        outputs = {}
+        with torch.inference_mode():
+            for round_ in tqdm(range(rounds + 1), desc=f"faithful vs upstream cross-attention, {dtype}", unit="round"):
+                for variant in seconds:
+                    with upstream_formulation(model) if variant == "upstream" else contextlib.nullcontext():
+                        start = time.perf_counter()
+                        outputs[variant] = model(*args, **kwargs)
+                        if round_ > 0:  # round 0 warms both up
+                            seconds[variant].append(time.perf_counter() - start)
+        del model
+        return_freed_memory()
+        spreads = {variant: Spread.of(values) for variant, values in seconds.items()}
+        judged = verdict(spreads["upstream"], spreads["faithful"])
+        difference = compare(outputs["faithful"], outputs["upstream"])
+        config = dtype_config(pipe, setting, threads, int(mask.sum()), dtype) | {"experiment": "upstream_formulation"}
+        store.add(*[Record(variant=variant, stage="denoise", metric="transformer_call_seconds", unit="s",
+                           value=spread.median, spread=spread.as_dict(), config=config, note=UPSTREAM_CHECK_NOTE)
+                    for variant, spread in spreads.items()],
+                  Record(variant="faithful", stage="denoise", metric="ratio_vs_upstream_formulation", unit="x",
+                         value=judged["ratio"], kind="derived", config=config, quality=judged | difference,
+                         note=f"faithful / upstream seconds per call; {judged['verdict']}"))
+        rows.append(dict(dtype=dtype, faithful_s=spreads["faithful"].median, upstream_s=spreads["upstream"].median,
+                         faithful_range=(spreads["faithful"].low, spreads["faithful"].high),
+                         upstream_range=(spreads["upstream"].low, spreads["upstream"].high), ratio=judged["ratio"],
+                         verdict=judged["verdict"], rel_l2_diff=difference["rel_l2_diff"]))
+    return pd.DataFrame(rows)

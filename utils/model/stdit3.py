@@ -1,8 +1,11 @@
 """STDiT3: the OpenSora 1.2 diffusion transformer (upstream ``opensora/models/stdit/stdit3.py``).
 
 Parameter names and shapes are upstream's, so the official ``hpcai-tech/OpenSora-STDiT-v3`` checkpoint
-loads with ``strict=True``. Attention goes through ``F.scaled_dot_product_attention``; the caption
-cross-attention is batched with a key-padding mask instead of upstream's packed xformers call.
+loads with ``strict=True``. Attention goes through ``F.scaled_dot_product_attention``. The caption
+cross-attention attends to each sample's valid caption tokens only, as upstream's packed xformers call
+does: the padding after the longest caption of the batch is dropped before the caption projection, and a
+key mask is kept only where captions differ in length (never under CFG, whose null branch takes its
+prompt's mask).
 Shapes: B batch, T latent frames, S = h*w patches per frame, N = T*S tokens, C hidden size,
 L caption tokens, H heads, D head dim.
 """
@@ -224,6 +227,18 @@ class SelfAttention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
+def valid_caption(y: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``y`` [B, L, ...] and its boolean token mask [B, L] without the tokens after the last one any sample
+    attends to; the mask is None when every sample attends to every kept token. Upstream packs the valid
+    tokens of all samples (``masked_select``) and attends per sample: the same keys, the same maths. At
+    least one token is kept, so a batch without any valid token keeps the zero output of a fully masked
+    query (torch SDPA on CPU, xformers for an empty block)."""
+    attended = mask.any(0).nonzero()
+    length = int(attended[-1]) + 1 if len(attended) else 1
+    mask = mask[:, :length]
+    return y[:, :length], None if bool(mask.all()) else mask
+
+
 class CrossAttention(nn.Module):
     """Visual tokens attend to their own sample's caption tokens (no norm, no gate, no modulation)."""
 
@@ -244,7 +259,8 @@ class CrossAttention(nn.Module):
         q = self.q_linear(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, N, D]
         kv = self.kv_linear(y).view(B, L, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [2, B, H, L, D]
         k, v = kv.unbind(0)
-        # upstream: xformers BlockDiagonalMask over the valid tokens of each sample; same maths as a key mask
+        # upstream: xformers BlockDiagonalMask over the valid tokens of each sample; the keys are those tokens
+        # (encode_caption), a mask remains only where the samples' caption lengths differ
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, L]
         x = self.attention(q, k, v, attn_mask=attn_mask)  # [B, H, N, D]
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
@@ -355,15 +371,16 @@ class STDiT3(nn.Module):
         return tuple(-(-n // p) for n, p in zip(x.shape[2:], self.config.patch_size))
 
     def encode_caption(self, y: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Project the caption and turn the token mask into a boolean key mask of batch B."""
+        """Project the caption's valid tokens (``valid_caption``) and return them [B, L', C] with the
+        boolean key mask [B, L'] (None where every sample attends to every kept token)."""
         B = y.shape[0]
-        y = self.y_embedder(y.squeeze(1))  # [B, L, C]
-        if mask is None:
-            return y, None
-        if mask.shape[0] != B:
-            # upstream repeats a smaller mask batch: CFG's null branch uses its prompt's token count
-            mask = mask.repeat(B // mask.shape[0], 1)
-        return y, mask.bool()
+        y = y.squeeze(1)  # [B, L, caption_channels]
+        if mask is not None:
+            if mask.shape[0] != B:
+                # upstream repeats a smaller mask batch: CFG's null branch uses its prompt's token count
+                mask = mask.repeat(B // mask.shape[0], 1)
+            y, mask = valid_caption(y, mask.bool())
+        return self.y_embedder(y), mask  # the embedder works per token: the dropped rows change nothing
 
     def forward(self, x, timestep, y, mask=None, x_mask=None, fps=None, height=None, width=None, **kwargs):
         """x [B, C_in, T, H, W] latent; timestep [B] in [0, 1000]; y [B, 1, L, caption_channels];
@@ -392,7 +409,7 @@ class STDiT3(nn.Module):
             t0 = self.t_embedder(torch.zeros_like(timestep), dtype=dtype) + fps_emb
             t0_mlp = self.t_block(t0)
 
-        y, key_mask = self.encode_caption(y, mask)  # [B, L, C], [B, L]
+        y, key_mask = self.encode_caption(y, mask)  # [B, L', C], [B, L'] or None
 
         x = self.x_embedder(x)  # [B, N, C]
         x = (x.unflatten(1, (T, S)) + pos_emb[:, None]).flatten(1, 2)  # same table added to every frame

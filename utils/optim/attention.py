@@ -3,7 +3,9 @@
 Shapes as the model calls them: q, k, v [batch, heads, length, head_dim]; at CFG batch 2,
 - spatial: 2T sequences of the S tokens of one frame;
 - temporal: 2S sequences of the T latent frames (RoPE already applied to q and k);
-- cross: 2 samples, N = T*S queries against the L = 300 caption keys, key mask [B, 1, 1, L] (True = attend).
+- cross: 2 samples, N = T*S queries against the caption's valid tokens (the model drops the padding of
+  the 300-token caption first, ``utils.model.stdit3.valid_caption``); a key mask [B, 1, 1, L] (True =
+  attend) only where the samples' caption lengths differ.
 
 Kernels (the same maths at different cost):
 - ``reference``: upstream's non-flash path, ``softmax((q * scale) @ k^T)`` with the softmax in fp32, cast
@@ -16,14 +18,10 @@ Kernels (the same maths at different cost):
 - ``bmm``: the reference maths as flat batched matmuls, scale in the matmul, softmax in place: for short
   sequences, where SDPA's blocked kernel spends its time on per-block overhead (x86 notes: 1.5-2x slower
   at 15 frames).
-Key handling of the cross-attention (the caption is padded to 300 tokens):
-- ``masked`` (baseline): the kernels above with the key mask;
-- ``trimmed``: keys after the longest caption of the batch dropped (masked for every sample anyway), the
-  mask kept only where captions differ in length; ``trimmed_bmm`` the same with the ``bmm`` kernel;
-- ``packed``: each sample against its own valid keys only, without a mask (upstream's xformers
-  block-diagonal maths), one call per sample.
-``best`` picks, per call, the kernel measured fastest for the attention type, dtype and nearest key length
-(``data/attention_best.json``; the cross-attention is trimmed first).
+Cross-attention only: ``packed``, each sample against its own attended keys without a mask, one call per
+sample (upstream's xformers block-diagonal formulation, as a loop).
+``best`` picks, per call, the kernel measured fastest for the attention type and dtype at the nearest
+measured shape (query and key lengths; ``data/attention_best.json``).
 
 A query whose keys are all masked gets a zero output in every variant: torch SDPA's CPU kernel does
 this (checked in the tests), as xformers does for an empty block; upstream never meets it, because T5
@@ -49,7 +47,7 @@ KINDS = ("spatial", "temporal", "cross")
 
 KERNELS = ("reference", "sdpa", "chunked", "bmm")
 
-CROSS_ONLY = ("trimmed", "trimmed_bmm", "packed")
+CROSS_ONLY = ("packed",)
 
 CHOICES = {kind: KERNELS + (CROSS_ONLY if kind == "cross" else ()) + ("best",) for kind in KINDS}
 
@@ -145,26 +143,7 @@ def bmm(q, k, v, attn_mask=None):
 KERNEL_FUNCTIONS = {"reference": reference, "sdpa": sdpa, "chunked": chunked, "bmm": bmm}
 
 
-# ---- cross-attention key handling ---------------------------------------------------------------------
-
-def trim_keys(k, v, attn_mask):
-    """Drop the keys after the last one any sample attends to (they change nothing); the mask is kept
-    only if some sample still has a masked key. Returns (k, v, mask); k has 0 keys if none is attended."""
-    attn_mask = _as_4d(attn_mask)
-    if attn_mask is None:
-        return k, v, None
-    attended = attn_mask.reshape(-1, attn_mask.shape[-1]).any(0).nonzero()  # [n, 1] key indices
-    length = int(attended[-1]) + 1 if len(attended) else 0
-    mask = attn_mask[..., :length]
-    return k[..., :length, :], v[..., :length, :], None if bool(mask.all()) else mask
-
-
-def trimmed(q, k, v, attn_mask=None, kernel=sdpa):
-    k, v, attn_mask = trim_keys(k, v, attn_mask)
-    if k.shape[-2] == 0:
-        return _empty_output(q).zero_()
-    return kernel(q, k, v, attn_mask)
-
+# ---- cross-attention: one call per sample ---------------------------------------------------------------
 
 def packed(q, k, v, attn_mask=None):
     """Each sample against its own attended keys, no mask: upstream's block-diagonal (xformers) maths."""
@@ -188,7 +167,7 @@ def packed(q, k, v, attn_mask=None):
     return out
 
 
-# ---- "best": the fastest measured kernel per type, dtype and key length --------------------------------
+# ---- "best": the fastest measured kernel per type, dtype and shape ------------------------------------
 
 def load_best_table(path: Path | str = BEST_TABLE) -> list[dict]:
     return read_table(path)
@@ -196,37 +175,48 @@ def load_best_table(path: Path | str = BEST_TABLE) -> list[dict]:
 
 @functools.cache
 def _this_environment() -> str:
-
     return fingerprint()["environment_id"]
 
 
-def best_kernel(entries: list[dict], kind: str, dtype: torch.dtype, key_length: int,
+def entry_lengths(entry: dict) -> tuple[int, int]:
+    """(query length, key length) of a table entry; an entry of a self-attention or from the ceilings notes
+    may state only its key length or its ``shape`` [batch, heads, queries, keys, head_dim]."""
+    if "query_length" in entry:
+        return entry["query_length"], entry["key_length"]
+    if "shape" in entry:
+        return entry["shape"][2], entry["shape"][3]
+    return entry["key_length"], entry["key_length"]
+
+
+def best_kernel(entries: list[dict], kind: str, dtype: torch.dtype, query_length: int, key_length: int,
                 environment_id: str | None = None, arch: str | None = None) -> str:
-    """The ``best`` of the entry for (``kind``, ``dtype``) nearest ``key_length`` (log scale): this
-    environment's entries if there are any, else the same architecture's, else any; "sdpa" if none."""
+    """The ``best`` of the entry for (``kind``, ``dtype``) measured at the shape nearest (``query_length``,
+    ``key_length``) (sum of the log distances): this environment's entries if there are any, else the same
+    architecture's, else any; "sdpa" if none."""
     matches = [e for e in entries if e["attention"] == kind and e["dtype"] == dtype_name(dtype)]
     matches = nearest_environment(matches, environment_id, arch)
     if not matches:
         return "sdpa"
-    return min(matches, key=lambda e: abs(math.log(e["key_length"]) - math.log(max(key_length, 1))))["best"]
+
+    def distance(entry):
+        q, k = entry_lengths(entry)
+        return abs(math.log(q / max(query_length, 1))) + abs(math.log(k / max(key_length, 1)))
+
+    return min(matches, key=distance)["best"]
 
 
 def best_attention(kind: str, entries: list[dict], chunk_mib: float = DEFAULT_CHUNK_MIB,
                    max_scores_mib: float = BEST_MAX_SCORES_MIB):
-    """An attention function choosing its kernel per call from ``entries`` (cross: after trimming the
-    keys). A kernel that holds the score matrix is replaced by SDPA when the scores would pass
-    ``max_scores_mib``. ``.choices`` records (dtype, key length) -> kernel as chosen."""
+    """An attention function choosing its kernel per call from ``entries``. A kernel that holds the score
+    matrix is replaced by SDPA when the scores would pass ``max_scores_mib``. ``.choices`` records
+    (dtype, query length, key length) -> kernel as chosen."""
     environment, arch = _this_environment(), platform.machine()
     choices: dict[tuple, str] = {}
 
     def attention(q, k, v, attn_mask=None):
-        if kind == "cross":
-            k, v, attn_mask = trim_keys(k, v, attn_mask)
-            if k.shape[-2] == 0:
-                return _empty_output(q).zero_()
-        key = (dtype_name(q.dtype), k.shape[-2])
+        key = (dtype_name(q.dtype), q.shape[-2], k.shape[-2])
         if key not in choices:
-            choices[key] = best_kernel(entries, kind, q.dtype, k.shape[-2], environment, arch)
+            choices[key] = best_kernel(entries, kind, q.dtype, q.shape[-2], k.shape[-2], environment, arch)
         name = choices[key]
         if name == "bmm" and 4 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[-2] > max_scores_mib * 2**20:
             name = "sdpa"
@@ -252,10 +242,6 @@ def attention_function(kind: str, choice: str, chunk_mib: float = DEFAULT_CHUNK_
         return best_attention(kind, load_best_table(table), chunk_mib=chunk_mib)
     if choice == "chunked":
         return functools.partial(chunked, chunk_mib=chunk_mib)
-    if choice == "trimmed":
-        return trimmed
-    if choice == "trimmed_bmm":
-        return functools.partial(trimmed, kernel=bmm)
     if choice == "packed":
         return packed
     return KERNEL_FUNCTIONS[choice]
@@ -344,13 +330,15 @@ def model_shapes(latent_frames: int, tokens_per_frame: int, heads: int = 16, hea
             "cross": AttentionShape("cross", batch, T * S, caption_tokens, heads, head_dim)}
 
 
-def setting_shapes(pipe, setting) -> tuple[int, int, dict[str, AttentionShape]]:
-    """(latent frames T, tokens per frame S, the block's attention shapes) of ``pipe`` at ``setting``."""
+def setting_shapes(pipe, setting, caption_tokens: int | None = None) -> tuple[int, int, dict[str, AttentionShape]]:
+    """(latent frames T, tokens per frame S, the block's attention shapes) of ``pipe`` at ``setting``, the
+    cross-attention against ``caption_tokens`` valid caption tokens (default: the model's max length, the
+    most a caption can have)."""
     cfg = pipe.transformer.config
     t, h, w = pipe.latent_size(setting)
     pt, ph, pw = cfg.patch_size
     T, S = -(-t // pt), -(-h // ph) * -(-w // pw)
-    return T, S, model_shapes(T, S, cfg.num_heads, cfg.head_dim, cfg.model_max_length)
+    return T, S, model_shapes(T, S, cfg.num_heads, cfg.head_dim, caption_tokens or cfg.model_max_length)
 
 
 def peak_bytes(kernel: str, shape: AttentionShape, dtype: torch.dtype, chunk_mib: float = DEFAULT_CHUNK_MIB) -> int:
