@@ -16,6 +16,7 @@ from utils.experiments.variant_runs import (
     footprint_run,
     ratio_records,
     run_all,
+    run_compared,
     stage_records,
     stage_run,
     stage_table,
@@ -173,13 +174,17 @@ def probe(store: ResultsStore, settings: list[str], policy: TimingPolicy) -> pd.
     return probe_table(results)
 
 
-def precision(store: ResultsStore, base: dict, variants: list[str], outputs, fidelity_steps: int) -> dict[str, dict]:
-    """Every precision variant's stages (fp32 first; the others fed fp32's outputs, so each stage is compared
-    on the same inputs), their speed-ups over fp32 and their fidelity against it; returns the runs."""
+def precision(store: ResultsStore, base: dict, variants: list[str], outputs, fidelity_steps: int,
+              processes: int) -> dict[str, dict]:
+    """Every precision variant's stages in ``processes`` fresh processes each, interleaved (the comparison
+    protocol; fp32 first in each round, the others fed fp32's outputs, so each stage is compared on the same
+    inputs), their speed-ups over fp32 with the verdict, and their fidelity against fp32 (first round);
+    returns the runs."""
     reference = outputs / "fp32.pt"
     order = ["fp32"] + [v for v in variants if v != "fp32"]
-    results = run_all({v: stage_run(base, v, outputs=outputs / f"{v}.pt", fidelity_steps=fidelity_steps,
-                                    inputs=None if v == "fp32" else reference) for v in order}, "precision variants")
+    results = run_compared({v: stage_run(base, v, outputs=outputs / f"{v}.pt", fidelity_steps=fidelity_steps,
+                                         inputs=None if v == "fp32" else reference) for v in order},
+                           processes, "precision variants")
     for name, result in results.items():
         store.add(*stage_records(result, name, experiment_config(result, "precision"), base["steps"]))
     store.add(*ratio_records(results, "fp32", lambda name: name, "speedup_vs_fp32",
@@ -228,13 +233,13 @@ def thread_scaling(store: ResultsStore, base: dict, variant: str, thread_counts:
 
 
 def startup_settings(store: ResultsStore, base: dict, variant: str, settings: list[str], stages: list[str],
-                     repeats: int, reference, measured: dict[str, dict]) -> pd.DataFrame:
-    """``variant``'s ``stages`` under each start-up setting, each in a fresh process, against the default
-    start-up (the precision run of ``variant`` in ``measured`` when it is there) and the speed-up over it."""
-    names = settings if variant in measured else ["default"] + settings
-    results = run_all({name: stage_run(base, variant, env_setting=name, stages=stages, repeats=repeats,
-                                       inputs=reference) for name in names}, "start-up settings")
-    results = {"default": measured[variant]} | results if variant in measured else results
+                     repeats: int, reference, processes: int) -> pd.DataFrame:
+    """``variant``'s ``stages`` under the default start-up and each start-up setting, each in ``processes``
+    fresh processes, interleaved (the comparison protocol), and the speed-up over the default with the
+    verdict."""
+    names = ["default"] + [name for name in settings if name != "default"]
+    results = run_compared({name: stage_run(base, variant, env_setting=name, stages=stages, repeats=repeats,
+                                            inputs=reference) for name in names}, processes, "start-up settings")
     for name, result in results.items():
         store.add(*stage_records(result, name, experiment_config(result, "startup_env", env_setting=name),
                                  base["steps"]))

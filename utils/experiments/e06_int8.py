@@ -22,6 +22,7 @@ from utils.experiments.variant_runs import (
     fidelity_records,
     ratio_records,
     run_all,
+    run_compared,
     stage_records,
 )
 from utils.measure.benchmark import TimingPolicy, measure
@@ -207,7 +208,7 @@ def variant_records(runs: dict[str, dict], steps: int) -> list[Record]:
             records += fidelity_records(name, result["outputs"], runs["fp32"]["outputs"], config[name])
     for base in ("fp32", "bf16"):
         records += ratio_records(runs, base, lambda n: n, f"speedup_vs_{base}", lambda n: config[n],
-                                 f"{base} median / variant median, same run")
+                                 f"{base} median / variant median, same interleaved runs")
     return records
 
 
@@ -273,12 +274,14 @@ def calibrate(model: str, prompts: list[str], setting: VideoSetting, path: Path,
 
 
 def variants(store: ResultsStore, base: dict, names: list[str], calibration: Path, outputs: Path,
-             fidelity_steps: int) -> dict[str, dict]:
-    """Every variant's stages in a fresh process (fp32 first; the others fed fp32's outputs), their speed-ups,
-    sizes and fidelity against fp32; returns the runs."""
+             fidelity_steps: int, processes: int) -> dict[str, dict]:
+    """Every variant's stages in ``processes`` fresh processes each, interleaved (the comparison protocol;
+    fp32 first in each round, the others fed fp32's outputs), their speed-ups with the verdict, sizes and
+    fidelity against fp32 (first round); returns the runs."""
     order = ["fp32"] + [v for v in names if v != "fp32"]
-    runs = run_all({v: stage_run(base, v, calibration, outputs=outputs / f"{v}.pt", fidelity_steps=fidelity_steps,
-                                 inputs=None if v == "fp32" else outputs / "fp32.pt") for v in order}, "int8 variants")
+    runs = run_compared({v: stage_run(base, v, calibration, outputs=outputs / f"{v}.pt", fidelity_steps=fidelity_steps,
+                                      inputs=None if v == "fp32" else outputs / "fp32.pt") for v in order},
+                        processes, "int8 variants")
     store.add(*variant_records(runs, base["steps"]))
     return runs
 

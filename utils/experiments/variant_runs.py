@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from utils.io import GIB
 from utils.measure.benchmark import Timing, TimingPolicy, measure
+from utils.measure.compare import DEFAULT_THRESHOLD, Spread, run_interleaved, verdict
 from utils.measure.fidelity import fidelity, latent_errors
 from utils.measure.onednn import task_probe
 from utils.measure.results import Record, make_config, timing_record
@@ -140,11 +141,46 @@ def run_task(task: str, env: dict | None = None, timeout: float | None = None, *
 
 
 def run_all(runs: dict[str, tuple[str, dict, dict]], desc: str) -> dict[str, dict]:
-    """``{name: (task, env, spec)}`` one after another, each in a fresh process, with a progress bar."""
+    """``{name: (task, env, spec)}`` one after another, each in a fresh process, with a progress bar (for
+    runs that are not ranked against each other: memory footprints, probes, adherence)."""
     results = {}
     for name, (task, env, spec) in tqdm(runs.items(), desc=desc, unit="process"):
         results[name] = run_task(task, env=env, **spec)
     return results
+
+
+def run_compared(runs: dict[str, tuple[str, dict, dict]], processes: int, desc: str,
+                 first_round_only: tuple[str, ...] = ("outputs", "fidelity_steps")) -> dict[str, dict]:
+    """The comparison protocol (``utils.measure.compare``) over ``stages`` runs: every run in ``processes``
+    fresh processes, interleaved; the spec keys ``first_round_only`` (outputs saved, the fidelity run) go to
+    the first round only. Returns name -> ``combine_processes`` of its results."""
+    def per_round(task, env, spec):
+        return lambda round_: (task, env, spec if round_ == 0 else
+                               {k: v for k, v in spec.items() if k not in first_round_only})
+
+    results = run_interleaved({name: per_round(*run) for name, run in runs.items()}, processes,
+                              runner=lambda task, env=None, **spec: run_task(task, env=env, **spec), desc=desc)
+    return {name: combine_processes(parts) for name, parts in results.items()}
+
+
+def combine_processes(results: list[dict]) -> dict:
+    """One result from a variant's fresh processes: the first process's (its outputs, config and timings),
+    each stage with ``processes`` (every process's median, in run order) and ``positions`` (their places in
+    the interleaved sequence). A process that was refused or failed makes the whole result that one."""
+    first = results[0]
+    broken = [r for r in results if "stages" not in r]
+    if broken:
+        return broken[0]
+    combined = dict(first, stages={stage: dict(entry) for stage, entry in first["stages"].items()})
+    for stage, entry in combined["stages"].items():
+        entry["processes"] = [r["stages"][stage]["timing"]["median_s"] for r in results]
+        entry["positions"] = [r.get("position") for r in results]
+    return combined
+
+
+def process_spread(entry: dict) -> Spread:
+    """A stage entry's between-process spread (one value when it ran in one process)."""
+    return Spread.of(entry.get("processes") or [entry["timing"]["median_s"]])
 
 
 # ---- the child side: stages ---------------------------------------------------------------------------
@@ -335,7 +371,16 @@ def stage_records(result: dict, variant: str, config: dict, steps: int) -> list[
         entry = result["stages"][stage]
         timing = timing_of(entry["timing"])
         metric = "seconds_per_step" if stage == "denoise" else "seconds"
-        records.append(timing_record(variant, stage, timing, config, metric=metric))
+        spread = process_spread(entry)
+        if "processes" in entry:  # the median of the processes' medians, every process's value kept
+            records.append(Record(variant=variant, stage=stage, metric=metric, unit="s", value=spread.median,
+                                  spread=spread.as_dict() | dict(positions=entry["positions"], within_process=dict(
+                                      n=len(timing.times_s), iqr=timing.iqr_s, first=timing.first_s,
+                                      other_cpu_max=max(timing.other_cpu, default=0.0))),
+                                  config=config, note=f"median of {len(spread.values)} fresh processes, run "
+                                                      "interleaved with the variants it is compared with"))
+        else:
+            records.append(timing_record(variant, stage, timing, config, metric=metric))
         records.append(Record(variant=variant, stage=stage, metric="peak_rss_bytes", unit="B",
                               value=timing.peak_rss_bytes, config=config, note="this stage's model alone in memory"))
         if entry.get("load_s") is not None:
@@ -343,14 +388,17 @@ def stage_records(result: dict, variant: str, config: dict, steps: int) -> list[
                                   spread={"n": 1}, config=config, note="random materialisation of the stage's model"))
         scale = steps if stage == "denoise" else 1
         records.append(Record(variant=variant, stage=stage, metric="video_seconds", unit="s",
-                              value=timing.median_s * scale, kind="derived", config=config,
+                              value=spread.median * scale, kind="derived", config=config,
                               note=f"{steps} x one measured step" if stage == "denoise" else "one measured call"))
     return records
 
 
-def ratio_records(results: dict, baseline, variant_of, metric: str, config_of, note: str) -> list[Record]:
+def ratio_records(results: dict, baseline, variant_of, metric: str, config_of, note: str,
+                  threshold: float = DEFAULT_THRESHOLD) -> list[Record]:
     """Derived ``metric`` = baseline median / result median per stage (a speed-up above 1), for every
-    result against ``results[baseline]``; ``variant_of(name)`` and ``config_of(name)`` label each."""
+    result against ``results[baseline]``; ``variant_of(name)`` and ``config_of(name)`` label each. Where
+    both ran in several processes, the record's ``quality`` holds the protocol's ``verdict`` (its note
+    says it): a speed-up inside the between-process spread is "no measurable difference"."""
     if "stages" not in results.get(baseline, {}):
         return []
     base = results[baseline]["stages"]
@@ -359,9 +407,12 @@ def ratio_records(results: dict, baseline, variant_of, metric: str, config_of, n
         for stage, entry in result.get("stages", {}).items():
             if stage not in base or stage == "prepare_latents":
                 continue
-            value = base[stage]["timing"]["median_s"] / entry["timing"]["median_s"]
-            records.append(Record(variant=variant_of(name), stage=stage, metric=metric, unit="x", value=value,
-                                  kind="derived", config=config_of(name), note=note))
+            ours, theirs = process_spread(entry), process_spread(base[stage])
+            judged = verdict(theirs, ours, threshold) if len(ours.values) > 1 and len(theirs.values) > 1 else {}
+            records.append(Record(variant=variant_of(name), stage=stage, metric=metric, unit="x",
+                                  value=theirs.median / ours.median, kind="derived", config=config_of(name),
+                                  quality=judged, spread=dict(baseline=theirs.as_dict(), variant=ours.as_dict()),
+                                  note=note + (f"; {judged['verdict']}" if judged and name != baseline else "")))
     return records
 
 
