@@ -176,3 +176,13 @@ def test_fidelity_of_images_has_no_flicker():
     result = fidelity(image + 0.1, image)
     assert result["flicker"] is None and result["flicker_ratio"] is None
     assert result["psnr"] == pytest.approx(10 * math.log10(4 / 0.01), abs=1e-4)
+
+
+def test_adherence_margin_is_two_standard_errors_of_a_difference():
+    from utils.testbed.adherence import adherence_margin
+
+    assert adherence_margin(0.5, 100) == pytest.approx(2 * (2 * 0.25 / 100) ** 0.5)
+    assert adherence_margin(0.45, 360) < adherence_margin(0.45, 90)  # more clips, a tighter bound
+    assert adherence_margin(1.0, 50) == 0.0
+    with pytest.raises(ValueError):
+        adherence_margin(0.5, 0)

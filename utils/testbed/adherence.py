@@ -206,6 +206,16 @@ def adherence(videos: torch.Tensor, attributes: list[Attributes]) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
+def adherence_margin(fraction: float, clips: int, z: float = 2.0) -> float:
+    """How far two all-correct fractions, each measured on ``clips`` clips (captions x seeds) near ``fraction``,
+    may differ by chance alone: ``z`` standard errors of the difference of two binomial fractions,
+    ``z * sqrt(2 p (1 - p) / n)``. An optimised variant "keeps adherence" when it is no further than this
+    below fp32 (the test of the int8 schemes and the report use this one bound)."""
+    if clips < 1 or not 0 <= fraction <= 1:
+        raise ValueError(f"a margin needs at least one clip and a fraction in [0, 1], got {clips}, {fraction}")
+    return z * math.sqrt(2 * fraction * (1 - fraction) / clips)
+
+
 def adherence_summary(table: pd.DataFrame) -> dict:
     """Accuracy per attribute, all-correct and found rates (fractions in [0, 1]), and the clip count n."""
     if len(table) == 0:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from utils.io import GIB
+from utils.measure.compare import DEFAULT_THRESHOLD, FASTER, SAME, SLOWER, Spread, verdict
 from utils.measure.instances import HEADROOM_RULE, instance_table
 from utils.measure.records import WATERFALL, in_environment, one_environment, select, value_of
 from utils.model.pipeline import STAGES
@@ -149,8 +150,8 @@ TUNING_FIGURES = ("precision_times", "thread_scaling", "memory_waterfall")  # ca
 
 COMPUTE = ("encode_prompt", "denoise", "decode")
 
-# a start-up setting counts as a gain or a loss only beyond this fraction (medians move a few % between runs)
-GAIN_THRESHOLD = 0.03
+# a difference counts as a gain or a loss only beyond this fraction, and only outside the between-process spread
+GAIN_THRESHOLD = DEFAULT_THRESHOLD
 
 # the start-up settings the guide recommends, as notebook 04 names them
 GUIDE_SETTINGS = {"omp_proc_bind_false": "OMP_PROC_BIND=false", "omp_places_cores": "OMP_PLACES=cores",
@@ -229,6 +230,14 @@ def precision_table(df: pd.DataFrame) -> pd.DataFrame | None:
                       "largest stage peak GiB": select(peaks, variant=variant)["value"].max() / GIB})
     table = pd.DataFrame(table)
     table.insert(6, "speed-up vs fp32", [fp32_total / t if fp32_total and t else None for t in table["video s"]])
+    spreads = {v: process_totals(df[df["config.experiment"] == "precision"], v) for v in table["variant"]}
+    if spreads.get("fp32") is not None:  # measured with the comparison protocol: the processes' range and verdict
+        table.insert(6, "video s, process range", [None if spreads[v] is None else
+                                                   f"{spreads[v].low:.4g}-{spreads[v].high:.4g}"
+                                                   for v in table["variant"]])
+        table.insert(8, "vs fp32", [None if spreads[v] is None or v == "fp32" else
+                                    verdict(spreads["fp32"], spreads[v], GAIN_THRESHOLD)["verdict"]
+                                    for v in table["variant"]])
     return table
 
 
@@ -280,9 +289,12 @@ def startup_table(df: pd.DataFrame) -> pd.DataFrame | None:
     rows = tuning_rows(df, "startup_env", metric="speedup_vs_default").drop_duplicates(["variant", "stage"], keep="last")
     if rows.empty:
         return None
+    judged = "quality.verdict" in rows.columns
     return pd.DataFrame([{"start-up setting": v, "environment": select(rows, variant=v)["config.env"].iloc[-1] or "(none)",
                           **{f"{s} speed-up": value_of(rows, variant=v, stage=s) for s in COMPUTE
-                             if s in set(rows["stage"])}}
+                             if s in set(rows["stage"])},
+                          **({f"{s} verdict": select(rows, variant=v, stage=s)["quality.verdict"].iloc[-1]
+                              for s in COMPUTE if s in set(rows["stage"])} if judged else {})}
                          for v in dict.fromkeys(rows["variant"])])
 
 
@@ -315,27 +327,87 @@ def memory_table(df: pd.DataFrame, families=("c7g", "m7g", "r7g")) -> pd.DataFra
 
 # ---- recommendations ------------------------------------------------------------------------------------
 
-def _relative_spread(rows: pd.DataFrame, variant: str, stage: str) -> float:
-    """IQR over median of the newest timing record of ``variant`` at ``stage`` (0 when unknown)."""
-    timing = select(rows, variant=variant, stage=stage, metric=["seconds", "seconds_per_step"])
-    if timing.empty or pd.isna(timing["spread.iqr"].iloc[-1]) or not timing["value"].iloc[-1]:
-        return 0.0
-    return float(timing["spread.iqr"].iloc[-1]) / float(timing["value"].iloc[-1])
+def process_totals(rows: pd.DataFrame, variant: str, stages=COMPUTE) -> Spread | None:
+    """The seconds of one video in each of ``variant``'s fresh processes (per process: its stage medians, the
+    denoising step times the steps), from the timing records' ``spread.per_process``; None unless every
+    stage has per-process values for the same processes."""
+    timing = select(rows, variant=variant, metric=["seconds", "seconds_per_step"]).drop_duplicates("stage", keep="last")
+    if "spread.per_process" not in timing.columns:
+        return None
+    per_stage = {}
+    for _, row in timing.iterrows():
+        values = row["spread.per_process"]
+        if row["stage"] in stages and isinstance(values, list):
+            per_stage[row["stage"]] = [v * (row["config.steps"] if row["stage"] == "denoise" else 1) for v in values]
+    if set(per_stage) != set(stages) or len({len(v) for v in per_stage.values()}) != 1:
+        return None
+    return Spread.of([sum(parts) for parts in zip(*per_stage.values())])
 
 
-def _verdict(speedups: list[float], noise: float) -> str:
-    """From per-stage speed-ups (geometric mean) and the relative spread of the timings compared."""
-    mean = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
-    band = max(GAIN_THRESHOLD, noise)
-    if mean > 1 + band:
+def _stage_verdict(rows: pd.DataFrame) -> str | None:
+    """One start-up setting's recommendation from the verdicts its speed-up records carry (one per stage);
+    None when they carry none (measured in one process, before the comparison protocol)."""
+    if "quality.verdict" not in rows.columns or rows["quality.verdict"].isna().any():
+        return None
+    verdicts = set(rows["quality.verdict"])
+    if verdicts == {FASTER}:
         return "set it"
-    if mean < 1 - band:
+    if SLOWER in verdicts and FASTER not in verdicts:
         return "leave it unset (slower here)"
-    return "optional: no effect beyond the noise here"
+    return "optional: no measurable difference here"
+
+
+def _range(spread: Spread) -> str:
+    return f"{spread.median:.3g} s (processes {spread.low:.3g}-{spread.high:.3g}, n={len(spread.values)})"
 
 
 def _x(value) -> str:
     return "–" if value is None else f"{value:.2f}x"
+
+
+def _precision_recommendation(rows: pd.DataFrame, precision: pd.DataFrame, fidelity: pd.DataFrame | None) -> dict:
+    """The precision to use: among the variants measurably faster than fp32 per video (the comparison
+    protocol over each process's video seconds) whose numbers differ from fp32's, the fastest, with those
+    not measurably different from it named beside it."""
+    fid = {} if fidelity is None else fidelity.set_index("variant").to_dict("index")
+    spreads = {v: process_totals(rows, v) for v in precision["variant"]}
+    if spreads.get("fp32") is None or any(spread is None for spread in spreads.values()):
+        return dict(setting="precision", recommendation="not ranked: measured in one process (rerun notebook 04)",
+                    evidence="no between-process spread is stored for every variant")
+    # a variant whose frames equal fp32's runs the same kernels: any speed difference is noise
+    candidates = [v for v in spreads if v != "fp32" and fid.get(v, {}).get("frames max abs diff") != 0]
+    faster = [v for v in candidates if verdict(spreads["fp32"], spreads[v], GAIN_THRESHOLD)["verdict"] == FASTER]
+    if not faster:
+        return dict(setting="precision", recommendation="fp32",
+                    evidence=f"no variant with other numbers was faster than fp32 per video outside the process "
+                             f"ranges and beyond {GAIN_THRESHOLD:.0%}; fp32 {_range(spreads['fp32'])}")
+    best = min(faster, key=lambda v: spreads[v].median)
+    peers = [v for v in faster if v != best and verdict(spreads[best], spreads[v], GAIN_THRESHOLD)["verdict"] == SAME]
+    row = precision.set_index("variant").loc[best]
+    quality = ", ".join(f"{k} {v:.4g}" for k, v in fid.get(best, {}).items() if k in (
+        "final latent cosine", "frames PSNR dB", "frames SSIM") and v is not None and not pd.isna(v))
+    return dict(setting="precision", recommendation=f"{best} ({row['optimisations']})" + (
+                    f", or {', '.join(peers)}: no measurable difference between them" if peers else ""),
+                evidence=f"fastest video: {_range(spreads[best])}, {_x(spreads['fp32'].median / spreads[best].median)} "
+                         f"fp32 ({_range(spreads['fp32'])})" + (f"; vs fp32: {quality}" if quality else ""))
+
+
+def _memory_recommendation(memory: pd.DataFrame) -> dict:
+    """The configuration with the smallest measured peak; configurations within ``GAIN_THRESHOLD`` of it
+    count as ties, and the one with the fewest steps among them is named (the event that sets the peak too)."""
+    measured = memory.dropna(subset=["peak GiB"])
+    smallest = measured["peak GiB"].min()
+    tied = measured[measured["peak GiB"] <= smallest * (1 + GAIN_THRESHOLD)]
+    best = tied.loc[tied["configuration"].str.count(r"\+").idxmin()]
+    events = {c.removesuffix(" GiB"): best[c] for c in best.index
+              if c.endswith(" GiB") and c not in ("peak GiB", "analytic estimate GiB") and not pd.isna(best[c])}
+    at = max(events, key=events.get) if events else None
+    others = [c for c in tied["configuration"] if c != best["configuration"]]
+    return dict(setting="memory", recommendation=f"{best['configuration']} ({best['optimisations']})",
+                evidence=f"smallest measured peak {best['peak GiB']:.3g} GiB" + (f", set by {at}" if at else "")
+                         + (f"; within {GAIN_THRESHOLD:.0%} of it: {', '.join(others)} (no measurable difference; "
+                            "the one with the fewest steps is named)" if others else "")
+                         + ": fits " + ", ".join(str(best[c]) for c in best.index if c.startswith("smallest ")))
 
 
 def recommendations(rows: pd.DataFrame, environment_id: str | None, guide_only: bool) -> pd.DataFrame:
@@ -348,29 +420,17 @@ def recommendations(rows: pd.DataFrame, environment_id: str | None, guide_only: 
     out = []
     precision, fidelity = precision_table(rows), fidelity_table(rows)
     if precision is not None and not guide_only and precision["video s"].notna().any():
-        fid = {} if fidelity is None else fidelity.set_index("variant").to_dict("index")
-        # a variant whose frames equal fp32's runs the same kernels: any speed difference is noise
-        faster = precision[(precision["speed-up vs fp32"] > 1 + GAIN_THRESHOLD) & precision["variant"].map(
-            lambda v: fid.get(v, {}).get("frames max abs diff") != 0)]
-        if faster.empty:
-            out.append(dict(setting="precision", recommendation="fp32", source=measured,
-                            evidence=f"no variant with other numbers was faster than fp32 beyond {GAIN_THRESHOLD:.0%}"))
-        else:
-            best = faster.loc[faster["video s"].idxmin()]
-            ours = fid.get(best["variant"], {})
-            quality = ", ".join(f"{k} {v:.4g}" for k, v in ours.items() if k in (
-                "final latent cosine", "frames PSNR dB", "frames SSIM") and v is not None and not pd.isna(v))
-            out.append(dict(setting="precision", recommendation=f"{best['variant']} ({best['optimisations']})",
-                            evidence=f"fastest video: {best['video s']:.3g} s, {_x(best['speed-up vs fp32'])} fp32"
-                                     + (f"; vs fp32: {quality}" if quality else ""), source=measured))
+        out.append(_precision_recommendation(rows, precision, fidelity) | dict(source=measured))
     else:
         out.append(guide("precision", "precision"))
     _, probe = probe_table(rows)
-    speedup = value_of(tuning_rows(rows, "precision", metric="speedup_vs_fp32", variant="fast_math"), stage="denoise")
+    fast_math = select(tuning_rows(rows, "precision", metric="speedup_vs_fp32", variant="fast_math"), stage="denoise")
+    speedup = value_of(fast_math)
     if probe and not guide_only:
+        faster = _stage_verdict(fast_math.tail(1)) == "set it" if len(fast_math) else False
         out.append(dict(setting="DNNL_DEFAULT_FPMATH_MODE=BF16",
-                        recommendation="set it (fp32 weights)" if probe["changed"] and speedup and
-                        speedup > 1 + GAIN_THRESHOLD else "leave it unset: no effect here",
+                        recommendation="set it (fp32 weights)" if probe["changed"] and faster
+                        else "leave it unset: no measurable effect here",
                         evidence=f"oneDNN ran {probe['onednn']} of {probe['ops']} probed fp32 ops; fast math changed the "
                                  f"kernels or the error of {probe['changed']} of them; denoise step {_x(speedup)} fp32",
                         source=measured))
@@ -392,20 +452,15 @@ def recommendations(rows: pd.DataFrame, environment_id: str | None, guide_only: 
         if ours.empty or guide_only:
             out.append(guide(key, name))
             continue
-        timings = tuning_rows(rows, "startup_env")
-        noise = max(max(_relative_spread(timings, key, stage), _relative_spread(timings, "default", stage))
-                    for stage in ours["stage"])
-        out.append(dict(setting=name, recommendation=_verdict(list(ours["value"]), noise), source=measured,
+        judged = _stage_verdict(ours)
+        out.append(dict(setting=name, source=measured,
+                        recommendation=judged or "not ranked: measured in one process (rerun notebook 04)",
                         evidence="speed-up " + ", ".join(f"{s} {_x(v)}" for s, v in zip(ours["stage"], ours["value"]))
-                                 + f" (counted beyond ±{max(GAIN_THRESHOLD, noise):.0%}: the threshold or the "
-                                   "timings' IQR)"))
+                                 + (f" (a gain only outside the between-process spread and beyond "
+                                    f"{GAIN_THRESHOLD:.0%})" if judged else "")))
     memory = memory_table(rows)
     if memory is not None and not guide_only and memory["peak GiB"].notna().any():
-        best = memory.loc[memory["peak GiB"].idxmin()]
-        out.append(dict(setting="memory", recommendation=f"{best['configuration']} ({best['optimisations']})",
-                        evidence=f"smallest measured peak {best['peak GiB']:.3g} GiB: fits "
-                                 + ", ".join(str(best[c]) for c in best.index if c.startswith("smallest ")),
-                        source=measured))
+        out.append(_memory_recommendation(memory) | dict(source=measured))
     return pd.DataFrame(out, columns=["setting", "recommendation", "evidence", "source"])
 
 
@@ -419,7 +474,8 @@ def tuning_section(records: pd.DataFrame, environments: dict, primary: str | Non
     arm_id, arm_rows = _env_rows(records, environments, ("aarch64", "arm64"), primary)
     x86_id, x86_rows = _env_rows(records, environments, ("x86_64", "amd64"), primary)
     used = tuning_rows(df, "precision")
-    threads = threads_table(df)
+    threads, startup = threads_table(df), startup_table(df)
+    processes = df["spread.n_processes"].max() if "spread.n_processes" in df.columns else None
     return dict(
         measured=not select(df, notebook="04_precision_threads_memory").empty,
         setting=setting_label(used), probe=probe, probe_summary=probe_summary, precision=precision_table(df),
@@ -427,8 +483,9 @@ def tuning_section(records: pd.DataFrame, environments: dict, primary: str | Non
         thread_counts=sorted({int(t) for t in tuning_rows(df, "threads")["config.threads"].dropna()}),
         fidelity_steps=(configured or {}).get("fidelity_steps"),
         t5_layers=T5_PRESETS["t5-v1_1-xxl"]["num_layers"],
-        startup=startup_table(df), memory=memory_table(df), headroom=HEADROOM_RULE,
-        threshold=GAIN_THRESHOLD,
+        startup=startup, memory=memory_table(df), headroom=HEADROOM_RULE, threshold=GAIN_THRESHOLD,
+        processes=None if processes is None or pd.isna(processes) else int(processes),
+        startup_judged=startup is not None and any(c.endswith(" verdict") for c in startup.columns),
         graviton=recommendations(arm_rows, arm_id, guide_only=arm_id is None),
         x86=recommendations(x86_rows, x86_id, guide_only=x86_id is None) if x86_id else None,
     )

@@ -13,6 +13,7 @@ from utils.measure.records import one_environment, select, value_of
 from utils.optim.quantize import apply_quantize
 from utils.report.figures import FigureSpec, ReportInputs, context_label, new_figure, save_figure, setting_label, short
 from utils.report.sections.s04_precision_threads_memory import GAIN_THRESHOLD
+from utils.testbed.adherence import adherence_margin
 
 NOTEBOOK = "06_int8"
 
@@ -24,9 +25,6 @@ VARIANT_ORDER = ("fp32", "bf16", "bf16+compile", "w8a8_dynamic", "w8a8_dynamic+c
 
 SCHEME_ORDER = ("float", "w8a8_dynamic", "w8a8_dynamic_compiled", "w8a8_dynamic_ao", "w8a8_static", "w8_weight_only")
 
-# an int8 variant "keeps quality" on the mini model when its all-correct adherence is within this margin of
-# fp32's on every split (the margin is about one standard error of a 75-clip fraction near 30 %)
-ADHERENCE_MARGIN = 0.06
 
 ARM_CHECKS = ("int8", "int4_kleidiai")  # utils.experiments.arm_check's quantised paths
 
@@ -133,9 +131,11 @@ def adherence_table(df: pd.DataFrame) -> pd.DataFrame | None:
             ours = select(rows, variant=name, **{"config.split": split})
             fp32 = value_of(rows, variant="fp32", metric="adherence_all_correct", **{"config.split": split})
             all_correct = value_of(ours, metric="adherence_all_correct")
-            table.append({"variant": name, "combinations": split, "clips": ours["spread.n"].max(),
+            clips = ours["spread.n"].max()
+            table.append({"variant": name, "combinations": split, "clips": clips,
                           "all correct": all_correct,
                           "vs fp32": None if fp32 is None or all_correct is None else all_correct - fp32,
+                          "margin": None if fp32 is None or pd.isna(clips) else adherence_margin(fp32, int(clips)),
                           **{m: value_of(ours, metric=f"adherence_{m}") for m in ("shape", "colour", "motion")}})
     return pd.DataFrame(table)
 
@@ -160,8 +160,9 @@ def fp32_elsewhere(df: pd.DataFrame, adherence: pd.DataFrame | None) -> list[dic
 
 def recommendation(variants: pd.DataFrame | None, adherence: pd.DataFrame | None,
                    sensitivity: pd.DataFrame | None = None) -> dict | None:
-    """The fastest transformer variant whose mini-model adherence stays within ``ADHERENCE_MARGIN`` of fp32
-    on every split, and the fastest overall. A ``+compile`` variant without its own adherence measurement
+    """The fastest transformer variant whose mini-model adherence stays within the chance margin of fp32
+    (``testbed.adherence.adherence_margin`` of fp32's fraction and the clip count) on every split, and the
+    fastest overall. A ``+compile`` variant without its own adherence measurement
     counts as kept when its eager form is (compiling keeps the arithmetic; ``derived`` names those), and the
     sensitivity table's ``blocks`` and ``all`` rows give the cost of quantising the embedders and final layer."""
     if variants is None:
@@ -174,8 +175,10 @@ def recommendation(variants: pd.DataFrame | None, adherence: pd.DataFrame | None
     keeps, measured, worst = set(), set(), pd.Series(dtype=float)
     if adherence is not None:
         measured = set(adherence["variant"])
-        worst = adherence[adherence["variant"] != "fp32"].groupby("variant")["vs fp32"].min()
-        keeps = {v for v, delta in worst.items() if delta is not None and not pd.isna(delta) and delta >= -ADHERENCE_MARGIN}
+        others = adherence[adherence["variant"] != "fp32"]
+        worst = others.groupby("variant")["vs fp32"].min()
+        within = (others["vs fp32"] >= -others["margin"]).groupby(others["variant"]).all()
+        keeps = {v for v, ok in within.items() if ok and not pd.isna(worst.get(v))}
     derived = {v: v.removesuffix("+compile") for v in denoise["variant"]
                if v.endswith("+compile") and v not in measured and v.removesuffix("+compile") in keeps}
     eligible = denoise[denoise["variant"].isin(keeps | set(derived))].sort_values("speed-up vs fp32", ascending=False)
@@ -193,7 +196,8 @@ def recommendation(variants: pd.DataFrame | None, adherence: pd.DataFrame | None
     encoder = encoders.iloc[0].to_dict() if len(encoders) else None
     if encoder is not None:
         encoder["adherence delta"] = worst.get(encoder["variant"])  # worst split, None when not measured
-    return dict(fastest=fastest, best=best, derived=derived, encoder=encoder, margin=ADHERENCE_MARGIN,
+    margins = {} if adherence is None else adherence[adherence["variant"] == "fp32"].set_index("combinations")["margin"]
+    return dict(fastest=fastest, best=best, derived=derived, encoder=encoder, margins=dict(margins),
                 weight_only=weight_only.iloc[0].to_dict() if len(weight_only) else None, kept=sorted(keeps),
                 float_layers=float_layers)
 
