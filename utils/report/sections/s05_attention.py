@@ -11,7 +11,9 @@ from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from utils.io import GIB
 from utils.measure.records import baseline_rows, one_environment, same, select, value_of
+from utils.model.dtypes import DTYPES
 from utils.model.stdit3 import STDIT3_PRESETS
+from utils.optim.attention import BEST_CANDIDATES, best_kernel
 from utils.report.figures import FigureSpec, ReportInputs, context_label, new_figure, save_figure, setting_label
 from utils.report.formats import kinds_of
 
@@ -297,13 +299,72 @@ def crossovers(df: pd.DataFrame) -> pd.DataFrame | None:
     return pd.DataFrame(out) if out else None
 
 
+def _best_entries(df: pd.DataFrame) -> list[dict]:
+    """The ``best`` table's entries as this notebook stored them (records ``best_kernel_seconds``)."""
+    rows = select(df, metric="best_kernel_seconds")
+    return [dict(attention=r["config.attention"], dtype=r["config.dtype"], best=r["variant"],
+                 key_length=int(r["config.key_length"]),
+                 **({"query_length": int(r["config.query_length"])} if not pd.isna(r.get("config.query_length"))
+                    else {})) for _, r in rows.iterrows()]
+
+
 def best_table(df: pd.DataFrame) -> pd.DataFrame | None:
     rows = select(df, metric="best_kernel_seconds")
     if rows.empty:
         return None
+    per_shape = "config.query_length" in rows.columns and rows["config.query_length"].notna().any()
     return pd.DataFrame({"attention": _column(rows, "config.attention"), "dtype": rows["config.dtype"],
+                         **({"query length": _column(rows, "config.query_length")} if per_shape else {}),
                          "key length": _column(rows, "config.key_length"), "best": rows["variant"],
-                         "all candidates (s, summed over settings)": rows["note"]}).reset_index(drop=True)
+                         ("all candidates (s)" if per_shape else "all candidates (s, summed over settings)"):
+                         rows["note"]}).reset_index(drop=True)
+
+
+def best_at_setting(df: pd.DataFrame, resolution, frames) -> pd.DataFrame | None:
+    """Per attention type and dtype at the end-to-end setting: the kernel ``best`` picks there
+    (``utils.optim.attention.best_kernel`` over the stored entries, nearest call shape), the fastest
+    candidate measured at that shape, and their seconds."""
+    entries, rows = _best_entries(df), _timings(df)
+    if not entries or rows.empty:
+        return None
+    rows = rows[(rows["config.resolution"] == resolution) & (rows["config.frames"] == frames)
+                & rows["variant"].isin(BEST_CANDIDATES)]
+    out = []
+    for (kind, dtype), group in rows.groupby(["attention", "config.dtype"], sort=False):
+        seconds = group.drop_duplicates("variant", keep="last").set_index("variant")["value"]
+        q_len, k_len = int(group["q_len"].iloc[-1]), int(group["k_len"].iloc[-1])
+        picked = best_kernel(entries, kind, DTYPES[dtype], q_len, k_len)
+        fastest = seconds.idxmin()
+        out.append({"attention": kind, "dtype": dtype, "query length": q_len, "key length": k_len,
+                    "best picks": picked, "its s": seconds.get(picked), "fastest measured": fastest,
+                    "fastest s": seconds[fastest], "agree": "yes" if picked == fastest else "no"})
+    order = {k: i for i, k in enumerate(KINDS)}
+    return pd.DataFrame(out).sort_values("attention", key=lambda c: c.map(order), kind="stable").reset_index(drop=True)
+
+
+def upstream_formulation(df: pd.DataFrame) -> pd.DataFrame | None:
+    """The faithful transformer call against upstream's own caption formulation, alternated in one process
+    (``e05_attention.upstream_formulation_check``): per dtype the medians and ranges, ratio and verdict."""
+    calls = select(df, metric="transformer_call_seconds")
+    ratios = select(df, metric="ratio_vs_upstream_formulation")
+    if calls.empty or ratios.empty:
+        return None
+    out = []
+    for dtype in DTYPE_ORDER:
+        ratio = ratios[ratios["config.dtype"] == dtype]
+        if ratio.empty:
+            continue
+        ratio = ratio.iloc[-1]
+        row = {"dtype": dtype}
+        for variant in ("faithful", "upstream"):
+            call = calls[(calls["config.dtype"] == dtype) & (calls["variant"] == variant)].iloc[-1]
+            row[f"{variant} s"] = call["value"]
+            row[f"{variant} range s"] = f"{call['spread.min']:.4g}-{call['spread.max']:.4g}"
+        row.update({"calls each": int(call["spread.n_processes"]), "faithful / upstream": ratio["value"],
+                    "verdict": ratio["quality.verdict"], "rel. L2 diff": ratio["quality.rel_l2_diff"],
+                    "kind": "measured (ratio derived)"})
+        out.append(row)
+    return pd.DataFrame(out) if out else None
 
 
 def memory_wall(df: pd.DataFrame) -> pd.DataFrame | None:
@@ -539,6 +600,8 @@ def attention_section(df: pd.DataFrame) -> dict | None:
         kernels_kind=kinds_of(select(mine, metric="sdpa_kernel")),
         at_setting=kernels_at_setting(mine, last["config.resolution"], last["config.frames"]),
         crossovers=crossovers(mine), best=best_table(mine), wall=memory_wall(mine), confirm=confirm(mine),
+        best_at_setting=best_at_setting(mine, last["config.resolution"], last["config.frames"]),
+        upstream=upstream_formulation(mine),
         skipped=len(select(mine, metric="skipped")), timed=len(select(mine, stage="attention", metric="seconds")),
         derived=len(select(mine, stage="attention", metric="seconds", kind="derived")),
         rewrites=rewrite_table(df), reasons=rewrite_reasons(df), end_to_end=end_to_end(mine),
