@@ -14,7 +14,14 @@ from utils.measure.records import baseline_rows, one_environment, same, select, 
 from utils.model.dtypes import DTYPES
 from utils.model.stdit3 import STDIT3_PRESETS
 from utils.optim.attention import BEST_CANDIDATES, best_kernel
-from utils.report.figures import FigureSpec, ReportInputs, context_label, new_figure, save_figure, setting_label
+from utils.report.figures import (
+    FigureSpec,
+    ReportInputs,
+    context_label,
+    new_figure,
+    save_figure,
+    setting_label,
+)
 from utils.report.formats import kinds_of
 
 # ---- notebook 05: attention kernels and the rewrites of the bottlenecks -----------------------------------
