@@ -23,6 +23,10 @@ import pytest
 if platform.machine() != "aarch64":
     pytest.skip("aarch64 only (make arm-check runs it under emulation)", allow_module_level=True)
 
+from utils.experiments.arm_check import torchao_compatibility  # noqa: E402
+
+torchao_compatibility()  # torchao 0.18 on the emulated torch 2.9.1, before transformers (which imports it) loads
+
 import test_stdit3  # noqa: E402
 import test_vae  # noqa: E402
 from test_stdit3 import (  # noqa: E402,F401

@@ -3,6 +3,15 @@
     ARM_PROFILE=g3 tools/arm-python.sh -m utils.experiments.arm_check     # one profile under qemu-user
     make arm-check                                            # g2, g3 and g4 (ARM_STORE=1 keeps records)
 
+What it runs, in order: the environment (torch's view of the emulated CPU), the upstream-fixture parity
+tests (tests/arm), the whole tiny pipeline; the ``op_`` checks, which call aten operators directly (Linear
+and matmul in fp32, bf16 and fast math, torch.ao dynamic int8 and torch._int_mm, KleidiAI's int4 matmul,
+SDPA); then the study's own steps through ``utils.optim.registry`` on the tiny pipeline against its fp32
+run with the same seed (``step_checks``: every scheme of ``utils.optim.quantize.SCHEMES``, the rewrites,
+bf16, every kernel of ``utils.optim.attention.CHOICES``, read at run time), each with its parity bound and
+the operators it ran that the fp32 run did not. torchao 0.18.0 needs three torch 2.10 names on the
+emulated torch 2.9.1: ``torchao_compatibility`` gives them stand-ins, and the output says so.
+
 It also runs natively on an Arm machine (``python -m utils.experiments.arm_check``). Each check prints one line;
 the run ends with ``N passed, N failed`` and exits non-zero when a check failed. Every check is
 functional: numerics against an fp64 reference, and which kernel library ran (oneDNN's verbose log, the
@@ -152,7 +161,15 @@ def check_environment(profile: str):
     for name in ("acl", "kleidiai"):
         if not facts[name]:
             problems.append(f"{name} unavailable")
-    detail = (f"torch {torch.__version__}, ISA {facts['isa_torch']}, mkldnn bf16 {facts['mkldnn_bf16']}, "
+    shim = torchao_compatibility()
+    try:
+        import torchao  # see above
+        torchao_version = f"torchao {torchao.__version__}" + (" (with stand-ins: quantize_ checks)" if shim else "")
+    except ImportError as error:
+        torchao_version = "torchao unavailable"
+        problems.append(f"torchao does not import: {error}")
+    detail = (f"torch {torch.__version__}, {torchao_version}, ISA {facts['isa_torch']}, "
+              f"mkldnn bf16 {facts['mkldnn_bf16']}, "
               f"ACL {facts['acl']}, KleidiAI {facts['kleidiai']}, HWCAPs "
               f"{' '.join(c for c in KERNEL_HWCAPS if c in caps) or 'none of ' + '/'.join(KERNEL_HWCAPS)}")
     return not problems, "; ".join(problems + [detail]), {}
@@ -194,7 +211,7 @@ def check_parity_tests(profile: str):
     summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())) or "no tests ran"
     bound = getattr(sys.modules.get("test_parity"), "AARCH64_ATOL", None)
     return (code == 0 and counts.get("passed", 0) > 0,
-            f"{summary} (tests/arm/test_parity.py: upstream fixtures, max abs error < {bound:g})", counts)
+            f"{summary} (tests/arm/test_parity.py: upstream fixtures, max abs error < {bound})", counts)
 
 
 def check_generation(profile: str, frames: int):
@@ -373,44 +390,303 @@ def check_sdpa(profile: str):
 
 
 # ---------------------------------------------------------------------------------------------
+# the study's own steps (utils.optim) on the tiny pipeline, against its fp32 baseline
+# ---------------------------------------------------------------------------------------------
+# One frame: under qemu the 17-frame setting took ~40 s per denoise and ~5 min for its decode, too long
+# for three profiles; at one frame the temporal attention attends over a single key, so its parity is
+# exact whatever the kernel (the kernels still run: the dispatch log names them). tests/test_attention.py
+# checks the temporal kernels' maths at longer sequences natively.
+STEP_SETTING = dict(resolution="144p", aspect_ratio="9:16", frames=1, steps=2)
+
+STEP_PROMPT = "a red ball bouncing on a wooden floor"
+
+# Parity bounds: relative L2 of the final latents (and, for steps that touch the VAE, of the decoded video)
+# against the fp32 tiny pipeline with the same seed and random weights.
+# - Exact-within-rounding steps (rewrites, attention kernels): the same maths with sums in another order;
+#   fp32 rounding (6e-8 per operation) over two blocks and two steps stays orders of magnitude below 1e-5.
+EXACT_BOUND = 1e-5
+# - bf16 (transformer and VAE, upstream's mixed precision): the unit roundoff is 2^-8 = 3.9e-3, and tens
+#   of roundings add up as a random walk; tests/test_rewrites.py holds bf16 variants to 3e-2 of each other.
+BF16_STEP_BOUND = 5e-2
+# - quantisation (the transformer's block Linear layers, BLOCK_CLASSES): int8 with a scale per row or
+#   token is ~1 % per Linear; tests/test_quantize.py bounds the tiny pipeline at 0.10 (w8a8_dynamic) and
+#   0.15 (per-tensor activation scales: w8a8_dynamic_ao, w8a8_static). Weight-only int8 is the most
+#   accurate (0.10). 4-bit weights in groups of 32: a Gaussian group's step is ~2.1 sigma / 7, so ~9 % per
+#   Linear (measured on one Linear stack under emulation), compounding over 8 quantised layer groups and
+#   2 steps: 0.30.
+SCHEME_BOUNDS = {"w8a8_dynamic": 0.10, "w8a8_dynamic_ao": 0.15, "w8a8_static": 0.15, "w8_weight_only": 0.10,
+                 "w4a8_dynamic": 0.30}
+
+# torchao 0.18.0 imports these at module level (its float8/MX code) and torch 2.9.1 lacks them
+TORCHAO_TORCH_2_10_NAMES = ("ScalingType", "SwizzleType", "scaled_grouped_mm")
+
+
+_STOOD_IN: list[str] = []  # the names torchao_compatibility gave stand-ins in this process
+
+
+def torchao_compatibility() -> str:
+    """Make torchao 0.18.0 importable on the emulated torch 2.9.1, and say how. It imports three names
+    that torch 2.10 added to torch.nn.functional, used only by its float8 and MX formats (never by the
+    int8/int4 schemes); transformers imports torchao whenever it is installed, so without them not even
+    the pipeline imports. Where one is missing, an empty stand-in takes its place (an enum without
+    members; a function that raises). Call it before importing utils.model. Returns what was done ("" when
+    torch has the names)."""
+    import enum
+
+    import torch  # standard library only at module level (see above)
+    import torch.nn.functional as F
+
+    def unavailable(*args, **kwargs):
+        raise NotImplementedError("float8 grouped matmul needs torch >= 2.10 (stand-in made by arm_check)")
+
+    for name in TORCHAO_TORCH_2_10_NAMES:
+        if not hasattr(F, name):
+            setattr(F, name, unavailable if name == "scaled_grouped_mm" else enum.Enum(name, {}))
+            _STOOD_IN.append(name)
+    if not _STOOD_IN:
+        return ""
+    return (f"torchao 0.18.0 imports torch.nn.functional.{', '.join(_STOOD_IN)} (torch >= 2.10; float8/MX code "
+            f"only), absent from torch {torch.__version__}: stand-ins that fail if called")
+
+
+def step_setting():
+    from utils.model.pipeline import VideoSetting  # see above
+    s = STEP_SETTING
+    return VideoSetting.create(s["resolution"], s["aspect_ratio"], s["frames"], steps=s["steps"])
+
+
+def run_step(steps: dict, baseline: dict | None, decode: bool = False) -> dict:
+    """The tiny fp32 pipeline (random weights, seed 0) with ``steps`` applied through
+    utils.optim.registry to its loaded components, from the baseline's caption embedding and noise: final
+    latents (and the decoded video), with the ATen operators and oneDNN primitives each stage ran."""
+    import torch  # see above
+
+    from utils.model.pipeline import load_pipeline  # see above
+    from utils.optim import registry  # see above
+
+    setting = step_setting()
+    decode = decode or baseline is None
+    components = ("transformer", "vae") if decode else ("transformer",)
+    pipe = load_pipeline("tiny", weights="random", dtype="fp32",
+                         load=components + (("text_encoder",) if baseline is None else ()))
+    if baseline is None:
+        y, mask = pipe.encode_prompt([STEP_PROMPT])
+        z = pipe.prepare_latents(1, setting)
+    else:
+        y, mask, z = baseline["y"], baseline["mask"], baseline["z"]
+    registry.apply(pipe, steps)
+    with torch.no_grad(), dispatch_log() as log:
+        latents = pipe.denoise(z.to(pipe.dtypes["transformer"]), y, mask, setting, progress=False)
+    video = decode_log = None
+    if decode:
+        with torch.no_grad(), dispatch_log() as decode_log:
+            video = pipe.decode(latents, setting)
+    return dict(pipe=pipe, y=y, mask=mask, z=z, latents=latents, video=video, log=log, decode_log=decode_log)
+
+
+_BASELINE = {}
+
+
+def tiny_baseline() -> dict:
+    """The fp32 tiny pipeline's run, once per process: what every step is compared with."""
+    if not _BASELINE:
+        _BASELINE.update(run_step({}, None))
+    return _BASELINE
+
+
+def kernels_against(log: dict, base: dict) -> str:
+    """The operators a step ran that the baseline did not (+), and those it no longer ran (-)."""
+    added = sorted(set(log["aten"]) - set(base["aten"]))
+    gone = sorted(set(base["aten"]) - set(log["aten"]))
+    onednn = sorted(set(log["onednn"]) - set(base["onednn"]))
+    parts = [f"aten +{' +'.join(added)}" if added else "no new aten op"]
+    if gone:
+        parts.append(f"-{' -'.join(gone)}")
+    parts.append(f"oneDNN +{'; +'.join(onednn)}" if onednn else "no new oneDNN primitive")
+    return ", ".join(parts)
+
+
+def _step_check(steps: dict, bound: float, decode: bool = False):
+    """Run ``steps`` against the baseline: (passed, detail, numbers, the run)."""
+    import torch  # see above
+
+    from utils.optim import registry  # see above
+    base = tiny_baseline()
+    run = run_step(steps, base, decode)
+    numbers = {"latent_rel_l2": rel_error(run["latents"], base["latents"])}
+    if decode:
+        numbers["video_rel_l2"] = rel_error(run["video"], base["video"])
+    errors = list(numbers.values())
+    ok = all(e < bound for e in errors)  # NaN fails
+    identical = torch.equal(run["latents"], base["latents"])
+    measured = ", ".join(f"{k.removesuffix('_rel_l2')} {v:.1e}" for k, v in numbers.items())
+    kernels = f"denoise: {kernels_against(run['log'], base['log'])}"
+    if decode:
+        kernels += f"; decode: {kernels_against(run['decode_log'], base['decode_log'])}"
+    detail = (f"{registry.describe(run['pipe'])}: {measured} rel. L2 vs fp32 (bound {bound:g})"
+              f"{', bit-identical latents' if identical else ''}; {kernels}")
+    return ok, detail, dict(numbers, bound=bound), run
+
+
+def weight_format(module) -> str:
+    """What a quantised Linear became: its weight's tensor type, or the swapped module's class."""
+    from torch import nn  # see above
+    if isinstance(module, nn.Linear):
+        return type(module.weight).__name__
+    return f"{type(module).__module__}.{type(module).__name__}"
+
+
+def check_quantize(profile: str, scheme: str):
+    """One scheme of utils.optim.quantize on the transformer's block Linear layers, through the registry
+    (w8a8_static calibrated on the baseline's own transformer inputs, as capture_inputs records them)."""
+    from utils.optim import quantize  # see above
+    shim = torchao_compatibility()
+    options = {"scheme": scheme}
+    with tempfile.TemporaryDirectory() as folder:
+        if scheme == "w8a8_static":
+            base = tiny_baseline()
+            options["calibration"] = str(quantize.capture_inputs(base["pipe"], base["y"], base["mask"], step_setting(),
+                                                                 Path(folder) / "calibration.pt", progress=False))
+        try:
+            ok, detail, numbers, run = _step_check({"quantize": options}, SCHEME_BOUNDS[scheme])
+        except ValueError as refused:  # the step's own refusal (w4a8_dynamic without KleidiAI)
+            return False, f"refused by utils.optim.quantize: {refused}", {}
+    detail = detail.replace(f"calibration={options.get('calibration')}", "calibration=<captured>")  # a temporary file
+    fc1 = run["pipe"].transformer.spatial_blocks[0].mlp.fc1
+    detail += f"; block Linear weights: {weight_format(fc1)}" + (f"; {shim}" if shim else "")
+    if scheme == "w4a8_dynamic" and "_dyn_quant_matmul_4bit" not in detail:
+        return False, "not KleidiAI's kernel (no aten._dyn_quant_matmul_4bit); " + detail, numbers
+    return ok, detail, numbers
+
+
+def check_rewrite(profile: str, name: str):
+    """A rewrite of notebook 05 with the options it uses there (utils.optim.rewrites.REWRITES)."""
+    from utils.optim.rewrites import REWRITES  # see above
+    return _step_check({name: REWRITES[name]}, EXACT_BOUND, decode=name.startswith("vae"))[:3]
+
+
+def check_bf16(profile: str):
+    """bf16 weights and activations of the transformer and the VAE (upstream's mixed precision)."""
+    return _step_check({"bf16": {"components": ["transformer", "vae"]}}, BF16_STEP_BOUND, decode=True)[:3]
+
+
+def check_attention(profile: str, choice: str):
+    """One kernel of utils.optim.attention for every attention type that offers it (the others stay at
+    the model's sdpa); ``best`` also says which kernels it picked."""
+    from utils.optim.attention import CHOICES  # see above
+    choices = {kind: choice if choice in offered else "sdpa" for kind, offered in CHOICES.items()}
+    ok, detail, numbers, run = _step_check({"attention": choices}, EXACT_BOUND)
+    block = run["pipe"].transformer.spatial_blocks[0]
+    for kind, module in (("spatial", block.attn), ("cross", block.cross_attn),
+                         ("temporal", run["pipe"].transformer.temporal_blocks[0].attn)):
+        picked = getattr(module.__dict__.get("attention"), "choices", None)
+        if picked:
+            detail += f"; {kind} picked (dtype, lengths) -> kernel: " + ", ".join(
+                f"({', '.join(map(str, key))}) -> {name}" for key, name in sorted(picked.items()))
+    return ok, detail, numbers
+
+
+def step_checks() -> dict:
+    """name -> (check, record config) for the study's steps: read from utils.optim at run time, so a scheme
+    or attention kernel added there is checked without a change here."""
+    import functools
+
+    from utils.optim.attention import CHOICES  # see above
+    from utils.optim.quantize import SCHEMES  # see above
+    s = STEP_SETTING
+    config = dict(model="tiny", weights="random", dtype="fp32", **s)
+
+    def entry(check, step: str, bound: float, video: bool = False):
+        checked = (f"utils.optim.registry.apply of {step} on the tiny pipeline (random weights, fp32, "
+                   f"{s['resolution']} {s['aspect_ratio']} {s['frames']} frames, {s['steps']} steps): final latents"
+                   f"{' and decoded video' if video else ''} against the fp32 pipeline, rel. L2 < {bound:g}")
+        return check, dict(config, step=step, checked=checked)
+
+    checks = {f"quantize_{scheme}": entry(functools.partial(check_quantize, scheme=scheme), f"quantize({scheme})",
+                                          SCHEME_BOUNDS[scheme]) for scheme in SCHEMES}
+    for name in ("cache_text_kv", "fused_rope", "fused_modulate", "vae_channels_last"):
+        checks[name] = entry(functools.partial(check_rewrite, name=name), name, EXACT_BOUND, name.startswith("vae"))
+    checks["bf16"] = entry(check_bf16, "bf16(transformer,vae)", BF16_STEP_BOUND, True)
+    for choice in dict.fromkeys(c for offered in CHOICES.values() for c in offered):
+        if choice != "sdpa":  # the baseline's own kernel
+            kinds = ",".join(kind for kind, offered in CHOICES.items() if choice in offered)
+            checks[f"attention_{choice}"] = entry(functools.partial(check_attention, choice=choice),
+                                                  f"attention({kinds}={choice})", EXACT_BOUND)
+    return checks
+
+
+# ---------------------------------------------------------------------------------------------
 # running and storing
 # ---------------------------------------------------------------------------------------------
-# name -> (check, record config fields): run in this order, one line each
+# name -> (check, record config fields): run in this order, one line each. The "op_" checks call aten
+# operators directly (the kernels the study's steps rely on, in isolation); the study's own steps follow
+# them (step_checks).
 CHECKS = {
-    "environment": (check_environment, {}),
-    "parity_tests": (check_parity_tests, dict(model="tiny", weights="random", dtype="fp32")),  # upstream's init
+    "environment": (check_environment, dict(
+        checked="the emulated CPU as torch sees it: arch, cpuinfo flags = HWCAPs, ISA level, bf16, ACL, KleidiAI")),
+    "parity_tests": (check_parity_tests, dict(model="tiny", weights="random", dtype="fp32",  # upstream's init
+                                              checked="tests/arm: the upstream-fixture tests of test_stdit3.py and "
+                                                      "test_vae.py at the aarch64 bound")),
     "generation": (check_generation, dict(model="tiny", weights="random", resolution="144p", aspect_ratio="9:16",
-                                          steps=2, dtype="fp32")),
-    "fp32_linear": (check_fp32_linear, dict(dtype="fp32", shape=[M, K, N])),
-    "bf16_linear": (check_bf16_linear, dict(dtype="bf16", shape=[M, K, N])),
-    "fp32_fastmath": (check_fastmath, dict(dtype="fp32", fpmath="bf16", shape=[M, K, N])),
-    "int8": (check_int8, dict(dtype="int8", shape=[M, K, N])),
-    "int4_kleidiai": (check_int4, dict(dtype="int4", shape=[8, K, N])),
-    "sdpa": (check_sdpa, dict(shape=[1, 4, 128, 64])),
+                                          steps=2, dtype="fp32", checked="the whole tiny pipeline, fp32, random "
+                                          "weights: video and latent shapes, finite values")),
+    "op_fp32_linear": (check_fp32_linear, dict(dtype="fp32", shape=[M, K, N], checked="aten only: fp32 nn.Linear "
+                                               f"and matmul {M}x{K}x{N} against fp64 (< {FP32_BOUND:g})")),
+    "op_bf16_linear": (check_bf16_linear, dict(dtype="bf16", shape=[M, K, N], checked="aten only: bf16 nn.Linear "
+                                               f"and matmul {M}x{K}x{N} against fp64 (< {BF16_BOUND:g})")),
+    "op_fp32_fastmath": (check_fastmath, dict(dtype="fp32", fpmath="bf16", shape=[M, K, N], checked="aten only: "
+                                              "fp32 nn.Linear with DNNL_DEFAULT_FPMATH_MODE=BF16 (second process)")),
+    "op_int8": (check_int8, dict(dtype="int8", shape=[M, K, N], checked="aten only: torch.ao quantize_dynamic on one "
+                                 f"Linear per quantised engine (< {INT8_BOUND:g}), torch._int_mm exact")),
+    "op_int4_kleidiai": (check_int4, dict(dtype="int4", shape=[8, K, N], checked="aten only: _dyn_quant_matmul_4bit "
+                                          f"on hand-packed int4 weights (< {INT4_BOUND:g}), KleidiAI packing")),
+    "op_sdpa": (check_sdpa, dict(shape=[1, 4, 128, 64], checked="aten only: scaled_dot_product_attention fp32 and "
+                                 "bf16 against fp64")),
 }
 
 
-def run_checks(profile: str, names: list[str], frames: int) -> list[dict]:
+def all_checks() -> dict:
+    """CHECKS, then the study's own steps (their names come from utils.optim, imported here)."""
+    return CHECKS | step_checks()
+
+
+def select(checks: dict, wanted: list[str] | None) -> list[str]:
+    """Names in ``checks`` equal to, or starting with, one of ``wanted`` (all of them for None)."""
+    if not wanted:
+        return list(checks)
+    chosen = [name for name in checks if any(name == w or name.startswith(w) for w in wanted)]
+    unknown = [w for w in wanted if not any(name == w or name.startswith(w) for name in checks)]
+    if unknown:
+        raise ValueError(f"no check is named (or starts with) {', '.join(unknown)}; accepted: {', '.join(checks)}")
+    return chosen
+
+
+def run_checks(profile: str, names: list[str], frames: int, checks: dict | None = None) -> list[dict]:
+    checks = checks or all_checks()
     results = []
     for name in names:
-        check, config = CHECKS[name]
+        check, config = checks[name]
+        started = time.perf_counter()
         try:
             passed, detail, numbers = check(profile, frames) if name == "generation" else check(profile)
         except Exception as error:  # a check that crashes fails; the others still run
             passed, detail, numbers = False, f"{type(error).__name__}: {error}", {}
         if name == "generation":
             config = dict(config, frames=frames)
-        print(f"{'PASS' if passed else 'FAIL'} {name:<14} {detail}", flush=True)
+        print(f"{'PASS' if passed else 'FAIL'} {name:<14} {detail} [{time.perf_counter() - started:.0f} s]", flush=True)
         results.append(dict(name=name, passed=passed, detail=detail, numbers=numbers, config=config))
     return results
 
 
-def store(results: list[dict], root: Path, profile: str, threads: int) -> Path:
+def store(results: list[dict], root: Path, profile: str, threads: int, replace: bool = False) -> Path:
     """One record per check (value 1 = passed) in the results store, kind "emulated" under qemu-user,
-    and the aarch64 facts added to the environment file."""
+    and the aarch64 facts added to the environment file. ``replace`` (a run of every check): the profile's
+    earlier records go, so the store holds one complete run, checks that no longer exist included."""
     from utils.io import write_json_atomic  # see above
     from utils.measure.results import Record, ResultsStore, make_config  # see above
     store = ResultsStore("arm_check", root=root)
+    if replace:
+        store.path.unlink(missing_ok=True)
     environment = dict(store.environment, **aarch64_facts())
     write_json_atomic(store.root / "environments" / f"{store.environment_id}.json", environment)
     kind = "emulated" if environment.get("emulated") else "measured"
@@ -430,7 +706,8 @@ def fastmath_probe() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=list(CHECKS), help="run only these checks")
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help="run only these checks (a name, or the start of names: op_, quantize_, attention_)")
     parser.add_argument("--frames", type=int, default=1,
                         help="frames of the tiny generation (1 = an image; 17 = the shortest video, ~10x the work)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -452,6 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["TQDM_DISABLE"] = "1"
     import torch  # standard library only at module level (see above)
     torch.set_num_threads(args.threads)
+    shim = torchao_compatibility()  # before anything imports transformers, which imports torchao
     if args.fastmath_probe:
         fastmath_probe()
         return 0
@@ -460,10 +738,17 @@ def main(argv: list[str] | None = None) -> int:
     qemu = os.environ.get("ARM_QEMU_CPU")
     print(f"arm-check {profile}: " + (f"qemu-user -cpu {qemu}, functional only (timings are not performance)"
                                       if qemu else "native aarch64") + f", {args.threads} threads", flush=True)
+    if shim:
+        print(f"note: {shim}", flush=True)
     started = time.perf_counter()
-    results = run_checks(profile, args.only or list(CHECKS), args.frames)
+    checks = all_checks()
+    try:
+        names = select(checks, args.only)
+    except ValueError as error:
+        parser.error(str(error))
+    results = run_checks(profile, names, args.frames, checks)
     root = args.results or (REPO / "data" / "results" if args.store else BUILD_RESULTS)
-    path = store(results, root, profile, args.threads)
+    path = store(results, root, profile, args.threads, replace=not args.only)
     failed = sum(not r["passed"] for r in results)
     print(f"records: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
     print(f"{profile}: {len(results) - failed} passed, {failed} failed "
