@@ -124,3 +124,71 @@ def test_notebook_duration_is_read_from_papermills_metadata(tmp_path):
     executed.write_text(json.dumps({"metadata": {"papermill": {"duration": None, "exception": True}}}))
     with pytest.raises(ValueError, match="no papermill duration"):
         store_duration(executed, "tiny", tmp_path / "results")
+
+
+# ---- make arm-check's checks of the study's own steps, run natively (x86 here) --------------------------------
+
+@pytest.fixture(scope="module")
+def arm_checks():
+    import torch
+
+    from utils.experiments import arm_check
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield arm_check.all_checks()
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name, kernel", [("quantize_w8a8_dynamic", "_int_mm"), ("quantize_w8_weight_only", "+mm"),
+                                          ("cache_text_kv", "bit-identical"), ("attention_bmm", "+bmm"),
+                                          ("bf16", "video")])
+def test_arm_step_checks_pass_natively(arm_checks, name, kernel):
+    """The study's steps through utils.optim against the tiny fp32 pipeline, as make arm-check runs them under
+    emulation: within their bounds, naming the kernels that ran (``kernel`` is one they must name)."""
+    check, config = arm_checks[name]
+    passed, detail, numbers = check("native")
+    assert passed, detail
+    assert kernel in detail and 0 <= numbers["latent_rel_l2"] < numbers["bound"]
+    assert config["checked"].startswith("utils.optim.registry.apply of ") and config["frames"] == 1
+
+
+def test_arm_check_reports_w4a8_refused_without_kleidiai(arm_checks):
+    import torch
+
+    if torch.backends.kleidiai.is_available():
+        pytest.skip("this torch has KleidiAI: w4a8_dynamic runs here")
+    passed, detail, numbers = arm_checks["quantize_w4a8_dynamic"][0]("native")
+    assert not passed and numbers == {}
+    assert detail.startswith("refused by utils.optim.quantize:") and "KleidiAI" in detail
+
+
+def test_arm_step_checks_follow_utils_optim(monkeypatch):
+    """Every scheme and every attention choice gets a check, read from utils.optim when the check runs."""
+    from utils.experiments import arm_check
+    from utils.optim import attention, quantize
+
+    monkeypatch.setitem(attention.CHOICES, "cross", attention.CHOICES["cross"] + ("newkernel",))
+    checks = arm_check.all_checks()
+    assert {f"quantize_{s}" for s in quantize.SCHEMES} <= set(checks)
+    assert "attention_newkernel" in checks and "attention_sdpa" not in checks  # sdpa: the baseline
+    assert checks["attention_newkernel"][1]["step"] == "attention(cross=newkernel)"
+    assert arm_check.select(checks, ["op_", "bf16"]) == [n for n in checks if n.startswith("op_")] + ["bf16"]
+    with pytest.raises(ValueError, match="no check is named"):
+        arm_check.select(checks, ["int3"])
+    assert arm_check.torchao_compatibility() == ""  # torch 2.13 has the names torchao 0.18 imports
+
+
+def test_arm_check_store_keeps_one_complete_run(tmp_path):
+    from utils.experiments import arm_check
+
+    def result(name):
+        return dict(name=name, passed=True, detail=f"{name} ran", numbers={"latent_rel_l2": 0.0},
+                    config={"checked": f"what {name} checks"})
+
+    arm_check.store([result("int8"), result("bf16")], tmp_path, "g3", threads=2)
+    arm_check.store([result("op_int8"), result("bf16")], tmp_path, "g3", threads=2, replace=True)
+    frame = load_records(tmp_path)
+    assert sorted(frame.variant) == ["bf16", "op_int8"]  # the renamed check's old record is gone
+    assert frame["git_commit"].notna().all() and set(frame["config.checked"]) == {"what op_int8 checks",
+                                                                                 "what bf16 checks"}
