@@ -213,7 +213,8 @@ def test_int8_section_recommends_from_records(tmp_path):
         if error is not None:
             store.add(Record(variant=name, stage="denoise", metric="final_rel_l2", unit="", value=error, spread={"n": 1},
                              config=config))
-    for name, all_correct in (("fp32", 0.30), ("w8a8_dynamic", 0.2867), ("w8a8_static", 0.15)):
+    # the margin at fp32's 30 % over 60 clips is 2 sqrt(2 x 0.3 x 0.7 / 60) = 16.7 %: static's -25 % is outside
+    for name, all_correct in (("fp32", 0.30), ("w8a8_dynamic", 0.2867), ("w8a8_static", 0.05)):
         for split in ("train", "held_out"):
             config = make_config(**model | dict(model="mini", weights="trained-mini", resolution="64px"),
                                  experiment="adherence", split=split, mini_weights=weights.weights_id())
@@ -237,7 +238,8 @@ def test_int8_section_recommends_from_records(tmp_path):
     assert "real rel. L2 0.0200 → 0.0500" in section
     assert "Not measured in this run: `w8a8_dynamic_ao` (killed by signal 9)." in section
     assert "The fastest transformer variant is `w8a8_static`: it denoises\n2.000x as fast as fp32" in section
-    assert "within 6.0 % of fp32 on every split\nis `w8a8_dynamic+compile` (1.818x fp32's speed" in section
+    assert ("within the margin of fp32 on every split\n(train 16.7 %, held_out 16.7 %)\nis `w8a8_dynamic+compile` "
+            "(1.818x fp32's speed") in section
     assert "Its adherence is that of its eager form `w8a8_dynamic` (derived" in section
     assert "`w8a8_dynamic` runs at\n1.600x fp32's speed" in section
     assert "Variants within the margin (measured): w8a8_dynamic." in section

@@ -301,30 +301,39 @@ def test_probe_records_find_no_change_when_nothing_changes():
 
 # ---- records, the notebook and the report ---------------------------------------------------------------
 
-def fake_result(seconds: dict[str, float], threads: int = 2, dtype: str = "fp32", iqr: float = 0.0) -> dict:
+def fake_result(seconds: dict[str, float], threads: int = 2, dtype: str = "fp32", iqr: float = 0.0,
+                processes: tuple[float, ...] | None = None) -> dict:
+    """A child's ``stages`` result; with ``processes`` (relative factors), a ``combine_processes`` result of
+    that many fresh processes whose medians are ``seconds`` times each factor."""
     config = make_config(model="opensora-v1.2", weights="random", resolution="144p", aspect_ratio="9:16", frames=51,
                          steps=30, dtype=dtype, threads=threads, text_encoder_dtype=dtype,
                          optimizations="bf16" if dtype == "bf16" else "")
     stages = {s: {"timing": Timing(first_s=v, times_s=[v - iqr, v, v + iqr], warmup=1, threads=threads,
                                    device="cpu", peak_rss_bytes=GIB).as_dict(), "load_s": 1.0}
               for s, v in seconds.items()}
+    if processes:
+        for stage, entry in stages.items():
+            entry.update(processes=[seconds[stage] * f for f in processes], positions=list(range(len(processes))))
     return dict(config=config, stages=stages, env={})
 
 
 def test_ratio_records_and_report_section(tmp_path):
 
     store = ResultsStore("04_precision_threads_memory", root=tmp_path / "results")
-    precision = {"fp32": fake_result({"encode_prompt": 20.0, "denoise": 70.0, "decode": 110.0}),
-                 "bf16": fake_result({"encode_prompt": 8.0, "denoise": 35.0, "decode": 55.0}, dtype="bf16")}
+    spread = (0.99, 1.0, 1.01)  # three fresh processes, 1 % apart
+    precision = {"fp32": fake_result({"encode_prompt": 20.0, "denoise": 70.0, "decode": 110.0}, processes=spread),
+                 "bf16": fake_result({"encode_prompt": 8.0, "denoise": 35.0, "decode": 55.0}, dtype="bf16",
+                                     processes=spread)}
     for name, result in precision.items():
         store.add(*stage_records(result, name, dict(result["config"], experiment="precision"), steps=30))
     speedups = ratio_records(precision, "fp32", lambda n: n, "speedup_vs_fp32",
                              lambda n: dict(precision[n]["config"], experiment="precision"), "test")
     assert {(r.variant, r.stage): round(r.value, 3) for r in speedups}[("bf16", "denoise")] == 2.0
     store.add(*speedups)
-    startup = {"default": fake_result({"denoise": 35.0}, dtype="bf16", iqr=0.1),
-               "thp": fake_result({"denoise": 30.0}, dtype="bf16", iqr=0.1),
-               "lru_cache": fake_result({"denoise": 35.2}, dtype="bf16", iqr=0.1)}
+    startup = {"default": fake_result({"denoise": 35.0}, dtype="bf16", iqr=0.1, processes=spread),
+               "thp": fake_result({"denoise": 30.0}, dtype="bf16", iqr=0.1, processes=spread),  # ranges apart
+               "lru_cache": fake_result({"denoise": 35.2}, dtype="bf16", iqr=0.1, processes=spread),  # overlapping
+               "omp_proc_bind_false": fake_result({"denoise": 30.0}, dtype="bf16", iqr=0.1)}  # one process
     for name, result in startup.items():
         store.add(*stage_records(result, name, dict(result["config"], experiment="startup_env", env_setting=name),
                                  steps=30))
@@ -336,12 +345,14 @@ def test_ratio_records_and_report_section(tmp_path):
     assert "| bf16 | bf16 |" in section and "2.004" in section  # (20+70*30+110) / (8+35*30+55), derived
     assert (tmp_path / "figures" / "precision_times.png").is_file()
     graviton = section[section.index("**Graviton.**"):section.index("**x86.**")]
-    assert "Nobody has run notebook 04 on Graviton yet" in graviton and "measured here" not in graviton
+    assert "Nobody has run `04_precision_threads_memory` on Graviton yet" in graviton and "measured here" not in graviton
     x86 = section[section.index("**x86.**"):]
-    assert "| THP_MEM_ALLOC_ENABLE=1 | set it |" in x86  # 35/30: beyond the 3 % threshold
-    assert "| LRU_CACHE_CAPACITY=1024 | optional: no effect beyond the noise here |" in x86
+    assert "| THP_MEM_ALLOC_ENABLE=1 | set it |" in x86  # 35/30: ranges apart, beyond the 3 % threshold
+    assert "| LRU_CACHE_CAPACITY=1024 | optional: no measurable difference here |" in x86
+    assert "| OMP_PROC_BIND=false | not ranked: measured in one process" in x86  # no between-process spread
     assert "| precision | bf16 (bf16) |" in x86 and "measured here" in x86
     assert "| OMP_PLACES=cores | OMP_PLACES=cores |" in x86 and "from the guide" in x86  # not measured: the guide
+    assert "no measurable difference" in section and "process range" in section
 
 
 def test_notebook_structure():
