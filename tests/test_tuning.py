@@ -145,6 +145,8 @@ def test_fresh_process_runner_returns_a_valid_record(tmp_path, monkeypatch):
     assert result["env_seen"]["LRU_CACHE_CAPACITY"] == "1024" and result["env_seen"]["STUDY_PROBE"] == "seen"
     assert result["env_seen"]["OMP_NUM_THREADS"] == "1" and result["threads_used"] == 1
     assert "DNNL_DEFAULT_FPMATH_MODE" not in result["env_seen"]
+    stored = variant_runs.experiment_config(result, "startup_env")  # each record says what the child saw
+    assert "LRU_CACHE_CAPACITY=1024" in stored["env_seen"] and "DNNL_DEFAULT_FPMATH_MODE" not in stored["env_seen"]
     assert result["pid"] != __import__("os").getpid()
     assert set(result["stages"]) == set(STAGES) and result["config"]["dtype"] == "bf16"
     outputs = torch.load(result["outputs"])

@@ -351,10 +351,12 @@ def timing_of(entry: dict) -> Timing:
 
 
 def experiment_config(result: dict, experiment: str, **extra) -> dict:
-    """The record config of a child result: its pipeline config, the experiment and its start-up setting."""
-
+    """The record config of a child result: its pipeline config, the experiment, its start-up setting (``env``)
+    and the start-up variables the child saw (``env_seen``: the runner starts it without the study's, so only
+    the setting's own and the thread count)."""
     config = result.get("config") or make_config(**{k: result.get("spec", {}).get(k) for k in ("model", "threads")})
-    return dict(config, experiment=experiment, env=env_text(result.get("env", {})), **extra)
+    return dict(config, experiment=experiment, env=env_text(result.get("env", {})),
+                env_seen=env_text(result.get("env_seen", {})), **extra)
 
 
 def stage_records(result: dict, variant: str, config: dict, steps: int) -> list[Record]:
