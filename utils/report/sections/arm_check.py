@@ -20,9 +20,10 @@ def latest_runs(records: pd.DataFrame) -> pd.DataFrame:
     rows = records[(records["notebook"] == "arm_check") & records["config.arm_profile"].notna()]
     if rows.empty:
         return rows
-    newest = rows.sort_values("time").groupby("config.arm_profile")["run_id"].last()
+    rows = rows.sort_values("time", kind="stable")  # stable: a run's records keep the order the checks ran in
+    newest = rows.groupby("config.arm_profile")["run_id"].last()
     rows = rows[rows["run_id"] == rows["config.arm_profile"].map(newest)]
-    return rows.sort_values("time").drop_duplicates(["config.arm_profile", "variant"], keep="last")
+    return rows.drop_duplicates(["config.arm_profile", "variant"], keep="last")
 
 
 def commit_of(group: pd.DataFrame) -> str:
