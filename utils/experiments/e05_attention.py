@@ -859,3 +859,41 @@ def upstream_formulation_check(store: ResultsStore, pipe: OpenSoraPipeline, sett
                          upstream_range=(spreads["upstream"].low, spreads["upstream"].high), ratio=judged["ratio"],
                          verdict=judged["verdict"], rel_l2_diff=difference["rel_l2_diff"]))
     return pd.DataFrame(rows)
+
+
+# ---- the end-to-end step under the comparison protocol --------------------------------------------------
+
+def step_between_processes(store: ResultsStore, pipe: OpenSoraPipeline, setting: VideoSetting, y: torch.Tensor,
+                           mask: torch.Tensor, transformer_steps: dict, dtypes, processes: int, policy: TimingPolicy,
+                           inputs: Path) -> pd.DataFrame:
+    """Per dtype, one denoising step of the real-size transformer (random weights) as it is and with
+    ``transformer_steps``, each in ``processes`` fresh processes run interleaved (the comparison protocol,
+    ``variant_runs.run_compared``; the caption ``y``/``mask`` saved to ``inputs`` for the children). Stores each
+    variant's step (every process's median) and the speed-up with its verdict. Returns one row per dtype."""
+    from utils.experiments.variant_runs import experiment_config, ratio_records, run_compared, stage_records
+
+    inputs.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"y": y.float(), "mask": mask}, inputs)
+    base = dict(model=pipe.preset, resolution=setting.resolution, aspect_ratio=setting.aspect_ratio,
+                num_frames=setting.num_frames, steps=setting.steps, prompt="", stages=["denoise"], inputs=str(inputs),
+                **policy.to_spec())
+    rows = []
+    for dtype in dtypes:
+        precision = {"bf16": {}} if dtype == "bf16" else {}
+        runs = {variant: ("stages", {}, base | dict(optimizations=precision | steps))
+                for variant, steps in (("baseline", {}), ("rewritten", transformer_steps))}
+        results = run_compared(runs, processes, f"step between processes, {dtype}")
+
+        def config_of(variant, results=results):
+            return experiment_config(results[variant], "step_protocol")
+
+        for variant, result in results.items():
+            store.add(*stage_records(result, variant, config_of(variant), setting.steps))
+        speedups = ratio_records(results, "baseline", lambda v: v, "step_speedup", config_of,
+                                 "baseline median / rewritten median, fresh processes run interleaved")
+        store.add(*speedups)
+        judged = next(r for r in speedups if r.variant == "rewritten")
+        rows.append(dict(dtype=dtype, speedup=judged.value, verdict=judged.quality.get("verdict"),
+                         baseline=judged.spread["baseline"]["per_process"],
+                         rewritten=judged.spread["variant"]["per_process"]))
+    return pd.DataFrame(rows)

@@ -289,12 +289,17 @@ def startup_table(df: pd.DataFrame) -> pd.DataFrame | None:
     rows = tuning_rows(df, "startup_env", metric="speedup_vs_default").drop_duplicates(["variant", "stage"], keep="last")
     if rows.empty:
         return None
-    judged = "quality.verdict" in rows.columns
+    judged = "quality.verdict" in rows.columns and rows["quality.verdict"].notna().any()
+
+    def verdict_of(variant, stage):
+        ours = select(rows, variant=variant, stage=stage)
+        return ours["quality.verdict"].iloc[-1] if len(ours) else None
+
     return pd.DataFrame([{"start-up setting": v, "environment": select(rows, variant=v)["config.env"].iloc[-1] or "(none)",
                           **{f"{s} speed-up": value_of(rows, variant=v, stage=s) for s in COMPUTE
                              if s in set(rows["stage"])},
-                          **({f"{s} verdict": select(rows, variant=v, stage=s)["quality.verdict"].iloc[-1]
-                              for s in COMPUTE if s in set(rows["stage"])} if judged else {})}
+                          **({f"{s} verdict": verdict_of(v, s) for s in COMPUTE if s in set(rows["stage"])}
+                             if judged else {})}
                          for v in dict.fromkeys(rows["variant"])])
 
 
@@ -475,7 +480,8 @@ def tuning_section(records: pd.DataFrame, environments: dict, primary: str | Non
     x86_id, x86_rows = _env_rows(records, environments, ("x86_64", "amd64"), primary)
     used = tuning_rows(df, "precision")
     threads, startup = threads_table(df), startup_table(df)
-    processes = df["spread.n_processes"].max() if "spread.n_processes" in df.columns else None
+    mine = select(df, notebook=TUNING_NOTEBOOK)
+    processes = mine["spread.n_processes"].max() if "spread.n_processes" in mine.columns else None
     return dict(
         measured=not select(df, notebook="04_precision_threads_memory").empty,
         setting=setting_label(used), probe=probe, probe_summary=probe_summary, precision=precision_table(df),

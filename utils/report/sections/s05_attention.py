@@ -591,10 +591,35 @@ def baseline_elsewhere(df: pd.DataFrame, mine: pd.DataFrame) -> dict | None:
     return dict(here=here["value"], here_run=here["run_id"], there=there["value"], there_run=there["run_id"])
 
 
+def step_protocol(rows: pd.DataFrame) -> pd.DataFrame | None:
+    """The rewritten step against the baseline between fresh processes (``e05_attention.step_between_processes``):
+    per dtype each variant's median step and process range, the speed-up and the protocol's verdict."""
+    speedups = select(rows, metric="step_speedup", variant="rewritten")
+    if speedups.empty:
+        return None
+    out = []
+    for dtype in DTYPE_ORDER:
+        ours = speedups[speedups["config.dtype"] == dtype]
+        if ours.empty:
+            continue
+        row = ours.iloc[-1]
+        entry = {"dtype": dtype}
+        for variant, key in (("baseline", "spread.baseline"), ("rewritten", "spread.variant")):
+            values = row[f"{key}.per_process"]
+            entry[f"{variant} s per step"] = sorted(values)[len(values) // 2]
+            entry[f"{variant} range s"] = f"{min(values):.4g}-{max(values):.4g}"
+        entry.update({"processes each": len(values), "speed-up": row["value"], "verdict": row["quality.verdict"],
+                      "kind": "measured (speed-up derived)"})
+        out.append(entry)
+    return pd.DataFrame(out) if out else None
+
+
 def attention_section(df: pd.DataFrame) -> dict | None:
     mine = _mine(df)
     if mine.empty:
         return None
+    in_processes = _column(mine, "config.experiment") == "step_protocol"
+    protocol, mine = mine[in_processes], mine[~in_processes]
     e2e_rows = select(mine, stage="denoise", metric="seconds_per_step")
     setting_rows = e2e_rows if len(e2e_rows) else mine
     last = setting_rows.iloc[-1]
@@ -608,7 +633,7 @@ def attention_section(df: pd.DataFrame) -> dict | None:
         at_setting=kernels_at_setting(mine, last["config.resolution"], last["config.frames"]),
         crossovers=crossovers(mine), best=best_table(mine), wall=memory_wall(mine), confirm=confirm(mine),
         best_at_setting=best_at_setting(mine, last["config.resolution"], last["config.frames"]),
-        upstream=upstream_formulation(mine),
+        upstream=upstream_formulation(mine), step_protocol=step_protocol(protocol),
         skipped=len(select(mine, metric="skipped")), timed=len(select(mine, stage="attention", metric="seconds")),
         derived=len(select(mine, stage="attention", metric="seconds", kind="derived")),
         rewrites=rewrite_table(df), reasons=rewrite_reasons(df), end_to_end=end_to_end(mine),
