@@ -49,6 +49,9 @@ def test_record_config(pipe):
     config = record_config(pipe, SETTING, threads=1, tokens=720)
     assert config["model"] == "tiny" and config["weights"] == "random" and config["dtype"] == "fp32"
     assert config["frames"] == 17 and config["latent"] == [5, 18, 32] and config["tokens"] == 720
+    # what the report could not read anywhere before: guidance, seed and the cross-attention's keys
+    assert config["cfg_scale"] == SETTING.cfg_scale and config["seed"] == SETTING.seed
+    assert config["caption_keys"] == "valid caption tokens"
 
 
 def test_profiles():

@@ -19,6 +19,7 @@ from utils.measure.results import make_config
 from utils.model.dtypes import dtype_name
 from utils.model.memory import PeakRSS
 from utils.model.pipeline import STAGES, OpenSoraPipeline, VideoSetting
+from utils.model.stdit3 import CAPTION_KEYS
 
 DEFAULT_PROMPT = "a beautiful waterfall in a forest"
 
@@ -134,5 +135,5 @@ def record_config(pipe: OpenSoraPipeline, setting: VideoSetting, threads: int, *
                        resolution=setting.resolution, aspect_ratio=setting.aspect_ratio, frames=setting.num_frames,
                        steps=setting.steps, dtype=dtype_name(pipe.dtypes["transformer"]), threads=threads,
                        text_encoder_dtype=dtype_name(pipe.dtypes["text_encoder"]),
-                       latent=list(pipe.latent_size(setting)),
-                       **extra)
+                       latent=list(pipe.latent_size(setting)), cfg_scale=setting.cfg_scale, seed=setting.seed,
+                       caption_keys=CAPTION_KEYS, **extra)

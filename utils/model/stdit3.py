@@ -27,6 +27,11 @@ with warnings.catch_warnings():
     from rotary_embedding_torch import RotaryEmbedding
 
 
+# what the cross-attention attends to, stored in every record's config (measure.stages.record_config): records
+# without it were measured when the faithful path attended to all 300 padded caption tokens with a key mask
+CAPTION_KEYS = "valid caption tokens"
+
+
 @dataclass(frozen=True)
 class STDiT3Config:
     depth: int = 28  # spatial blocks; as many temporal blocks again, interleaved S0 T0 S1 T1 ...
