@@ -85,6 +85,15 @@ def test_vae_channels_last_matches_the_baseline_and_survives_reload(parts, basel
     assert relative(pipe.decode(baseline["latents"], SETTING), baseline["video"]) < FP32
 
 
+def test_vae_channels_last_before_the_vae_is_loaded(baseline):
+    """Applied to a pipeline whose VAE is still on the meta device, the layout comes when it loads."""
+    pipe = load_pipeline("tiny", dtype="fp32", load=())
+    registry.apply(pipe, {"vae_channels_last": {"parts": ("spatial",)}})
+    pipe.load("vae")
+    assert pipe.vae.spatial_vae.module.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert relative(pipe.decode(baseline["latents"], SETTING), baseline["video"]) < FP32
+
+
 def test_all_rewrites_together_end_to_end(caption, baseline):
     pipe = load_pipeline("tiny", dtype="fp32", load=("transformer", "vae"))
     registry.apply(pipe, REWRITES)

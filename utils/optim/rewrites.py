@@ -274,8 +274,10 @@ def apply_fused_modulate(pipe: OpenSoraPipeline) -> OpenSoraPipeline:
 def apply_vae_channels_last(pipe: OpenSoraPipeline, parts=("spatial",)) -> OpenSoraPipeline:
     """The VAE's convolutions in channels-last layout (``parts``: "spatial" 2D decoder/encoder, "temporal"
     3D); a released VAE goes back to the default layout (random materialisation and checkpoint loading
-    expect it) and is laid out again when loaded."""
-    vae_channels_last(pipe.vae, parts)
+    expect it) and is laid out again when loaded. A VAE not loaded yet is laid out when it is (materialising
+    weights into a channels-last module on the meta device fails)."""
+    if pipe.is_loaded("vae"):
+        vae_channels_last(pipe.vae, parts)
 
     def relayout(pipe_, component):
         if component == "vae":
