@@ -25,13 +25,17 @@ PRECISION_ORDER = ("fp32", "fast_math", "upstream", "autocast", "bf16", "int8_t5
 
 
 def tuning_rows(df: pd.DataFrame, experiment: str, **criteria) -> pd.DataFrame:
-    """Notebook 04's records of one ``experiment`` (config.experiment), with its config columns present."""
+    """Notebook 04's records of one ``experiment`` (config.experiment) from its newest run only (a rerun of
+    some variants never sits in one table with an earlier run's others), with its config columns present."""
     df = one_environment(df)
     for column in ("config.experiment", "config.env_setting", "config.memory_config", "config.optimizations",
                    "config.env"):
         if column not in df.columns:
             df[column] = None
-    return select(df, notebook=TUNING_NOTEBOOK, **{"config.experiment": experiment}, **criteria)
+    rows = select(df, notebook=TUNING_NOTEBOOK, **{"config.experiment": experiment})
+    if len(rows) and "run_id" in rows.columns:
+        rows = rows[rows["run_id"] == rows.sort_values("time", kind="stable")["run_id"].iloc[-1]]
+    return select(rows, **criteria) if criteria else rows
 
 
 def _ordered(names, order=PRECISION_ORDER) -> list:
@@ -230,7 +234,7 @@ def precision_table(df: pd.DataFrame) -> pd.DataFrame | None:
                       "largest stage peak GiB": select(peaks, variant=variant)["value"].max() / GIB})
     table = pd.DataFrame(table)
     table.insert(6, "speed-up vs fp32", [fp32_total / t if fp32_total and t else None for t in table["video s"]])
-    spreads = {v: process_totals(df[df["config.experiment"] == "precision"], v) for v in table["variant"]}
+    spreads = {v: process_totals(tuning_rows(df, "precision"), v) for v in table["variant"]}
     if spreads.get("fp32") is not None:  # measured with the comparison protocol: the processes' range and verdict
         table.insert(6, "video s, process range", [None if spreads[v] is None else
                                                    f"{spreads[v].low:.4g}-{spreads[v].high:.4g}"
@@ -375,7 +379,7 @@ def _precision_recommendation(rows: pd.DataFrame, precision: pd.DataFrame, fidel
     protocol over each process's video seconds) whose numbers differ from fp32's, the fastest, with those
     not measurably different from it named beside it."""
     fid = {} if fidelity is None else fidelity.set_index("variant").to_dict("index")
-    spreads = {v: process_totals(rows, v) for v in precision["variant"]}
+    spreads = {v: process_totals(tuning_rows(rows, "precision"), v) for v in precision["variant"]}
     if spreads.get("fp32") is None or any(spread is None for spread in spreads.values()):
         return dict(setting="precision", recommendation="not ranked: measured in one process (rerun notebook 04)",
                     evidence="no between-process spread is stored for every variant")

@@ -12,6 +12,7 @@ from utils.io import GIB
 from utils.measure.records import one_environment, select, value_of
 from utils.optim.quantize import apply_quantize
 from utils.report.figures import FigureSpec, ReportInputs, context_label, new_figure, save_figure, setting_label, short
+from utils.report.sections.arm_check import latest_runs
 from utils.report.sections.s04_precision_threads_memory import GAIN_THRESHOLD
 from utils.testbed.adherence import adherence_margin
 
@@ -26,7 +27,9 @@ VARIANT_ORDER = ("fp32", "bf16", "bf16+compile", "w8a8_dynamic", "w8a8_dynamic+c
 SCHEME_ORDER = ("float", "w8a8_dynamic", "w8a8_dynamic_compiled", "w8a8_dynamic_ao", "w8a8_static", "w8_weight_only")
 
 
-ARM_CHECKS = ("int8", "int4_kleidiai")  # utils.experiments.arm_check's quantised paths
+# utils.experiments.arm_check's quantised paths: the study's schemes through utils.optim on the tiny model, and
+# the raw int8 / int4 kernels under them
+ARM_PREFIXES = ("quantize_", "op_int8", "op_int4")
 
 
 # ---- selecting ------------------------------------------------------------------------------------------
@@ -203,13 +206,13 @@ def recommendation(variants: pd.DataFrame | None, adherence: pd.DataFrame | None
 
 
 def arm_paths(records: pd.DataFrame | None) -> pd.DataFrame | None:
-    """The int8/int4 checks of ``make arm-check`` (emulated, functional only) per CPU profile, newest first."""
+    """The int8/int4 checks of each CPU profile's latest ``make arm-check`` run (emulated, functional only)."""
     if records is None or "config.arm_profile" not in records.columns:
         return None
-    rows = records[(records["notebook"] == "arm_check") & records["variant"].isin(ARM_CHECKS)]
+    rows = latest_runs(records)
+    rows = rows[rows["variant"].str.startswith(ARM_PREFIXES)]
     if rows.empty:
         return None
-    rows = rows.sort_values("time").drop_duplicates(["config.arm_profile", "variant"], keep="last")
     return pd.DataFrame([{"check": r["variant"], "profile": r["config.arm_profile"],
                           "result": "pass" if r["value"] == 1 else "FAIL", "what ran and its error": r["note"]}
                          for _, r in rows.sort_values(["variant", "config.arm_profile"]).iterrows()])
