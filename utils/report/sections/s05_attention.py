@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from utils.io import GIB
+from utils.measure.compare import Spread
 from utils.measure.records import baseline_rows, one_environment, same, select, value_of
 from utils.model.dtypes import DTYPES
 from utils.model.stdit3 import STDIT3_PRESETS
@@ -613,10 +614,10 @@ def step_protocol(rows: pd.DataFrame) -> pd.DataFrame | None:
         row = ours.iloc[-1]
         entry = {"dtype": dtype}
         for variant, key in (("baseline", "spread.baseline"), ("rewritten", "spread.variant")):
-            values = row[f"{key}.per_process"]
-            entry[f"{variant} s per step"] = sorted(values)[len(values) // 2]
-            entry[f"{variant} range s"] = f"{min(values):.4g}-{max(values):.4g}"
-        entry.update({"processes each": len(values), "speed-up": row["value"], "verdict": row["quality.verdict"],
+            spread = Spread.of(row[f"{key}.per_process"])
+            entry[f"{variant} s per step"] = spread.median
+            entry[f"{variant} range s"] = f"{spread.low:.4g}-{spread.high:.4g}"
+        entry.update({"processes each": len(spread.values), "speed-up": row["value"], "verdict": row["quality.verdict"],
                       "kind": "measured (speed-up derived)"})
         out.append(entry)
     return pd.DataFrame(out) if out else None
