@@ -8,6 +8,7 @@ as both ``timesteps`` and ``sigmas = timesteps / 1000`` (with the scheduler's ow
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -73,10 +74,18 @@ def rflow_sample(
                                 model_args["num_frames"], use_timestep_transform)
     set_rflow_timesteps(scheduler, timesteps)
     y_cfg = torch.cat([y, y_null], dim=0)  # [2B, 1, L, D]: conditional first, as upstream
+    # a model with step caches (diffusers hooks, utils.optim.caching) starts each video from empty caches and is
+    # told where the loop is; one context for the CFG batch, as upstream batches both halves in one call
+    caching = getattr(model, "is_cache_enabled", False)
+    if caching:
+        model._reset_stateful_cache()
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoise", unit="step", disable=not progress)):
         z_in = torch.cat([z, z], dim=0)  # [2B, C, T, H, W]
         t_in = t.to(z.device).repeat(z_in.shape[0])
-        pred = model(z_in, t_in, y=y_cfg, mask=mask, **model_args)
+        context = (model.cache_context("cfg", step_index=i, num_inference_steps=num_steps, timestep=float(t))
+                   if caching else nullcontext())
+        with context:
+            pred = model(z_in, t_in, y=y_cfg, mask=mask, **model_args)
         velocity = pred.chunk(2, dim=1)[0]  # upstream drops the sigma half of the output
         cond, uncond = velocity.chunk(2, dim=0)
         velocity = uncond + cfg_scale * (cond - uncond)  # points from noise towards data

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.cache_utils import CacheMixin
 from einops import rearrange
 from torch import nn
 
@@ -343,7 +344,10 @@ class T2IFinalLayer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # the model
 # ---------------------------------------------------------------------------------------------
-class STDiT3(nn.Module):
+class STDiT3(nn.Module, CacheMixin):
+    """The transformer. diffusers' ``CacheMixin`` gives it ``cache_context`` and ``is_cache_enabled``: the step
+    caches of ``utils.optim.caching`` are diffusers hooks, which the sampler tells where the loop is."""
+
     def __init__(self, config: STDiT3Config):
         super().__init__()
         self.config = cfg = config

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from utils.model.pipeline import OpenSoraPipeline
 from utils.optim.attention import apply_attention
+from utils.optim.caching import apply_pab, apply_step_counts, apply_teacache
 from utils.optim.precision import apply_autocast, apply_bf16
 from utils.optim.quantize import apply_int8_weight_only, apply_quantize
 from utils.optim.rewrites import apply_cache_text_kv, apply_fused_modulate, apply_fused_rope, apply_vae_channels_last
@@ -35,6 +36,10 @@ OPTIMIZATIONS = {
     "fused_rope": apply_fused_rope,
     "fused_modulate": apply_fused_modulate,
     "vae_channels_last": apply_vae_channels_last,
+    # step caches (utils.optim.caching): diffusers hooks outside the rewrites' hooks; one per pipeline
+    "teacache": apply_teacache,
+    "pab": apply_pab,
+    "step_counts": apply_step_counts,
     "compile": apply_compile,
     "autocast": apply_autocast,
 }
