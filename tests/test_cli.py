@@ -67,6 +67,10 @@ def _with(option, value):
     (_with("--cfg-scale", "-1"), "cfg_scale must be at least 0"),
     (_with("--cfg-scale", "nan"), "cfg_scale must be at least 0"),
     (_with("--weights", "trained-mini"), "--weights trained-mini are the mini model's (--model mini), not tiny's"),
+    (_with("--cache", "deepcache"), "--cache: unknown cache 'deepcache'; accepted: teacache"),
+    (_with("--cache", "teacache:abc"), "'abc' is not a float"),
+    (_with("--cache", "teacache:-1"), "must be at least 0"),
+    (_with("--cache", "pab:2"), "pab takes no value"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -74,6 +78,14 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_a_step_cache_from_the_command_line(tmp_path):
+    args = [*_with("--steps", "6"), "--cache", "teacache:1e9", "--out", str(tmp_path / "clip.mp4")]
+    assert generate.main(args) == 0
+    record = json.loads((tmp_path / "clip.json").read_text())
+    # only the first and the last step ran the blocks at an unreachable threshold
+    assert record["cache"]["evaluations"] == 2 and record["optimizations"].startswith("teacache(")
 
 
 def test_wrong_output_suffix(tmp_path, capsys):

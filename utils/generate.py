@@ -25,6 +25,8 @@ from utils.model.memory import InsufficientMemoryError, timed
 from utils.model.pipeline import PIPELINE_PRESETS, STAGES, VideoSetting, load_pipeline
 from utils.model.video import to_uint8, write_frames, write_mp4
 from utils.model.weights import TRAINED_MINI, CheckpointError
+from utils.optim import registry
+from utils.optim.caching import cache_stats, parse_cache
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")
     p.add_argument("--keep-text-encoder", action="store_true",
                    help="keep T5 in memory after encoding (default: free it, the largest component)")
+    p.add_argument("--cache", help="a step cache (notebook 07): teacache[:THRESHOLD|slow|fast], pab, fbc[:THRESHOLD], "
+                                   "magcache[:THRESHOLD], taylorseer[:INTERVAL]")
     p.add_argument("--out", type=Path, required=True, help="output .mp4 path")
     return p
 
@@ -68,6 +72,10 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Video
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     try:
+        args.steps_applied = parse_cache(args.cache) if args.cache else {}
+    except ValueError as err:
+        parser.error(f"--cache: {err}")
+    try:
         return VideoSetting.create(args.resolution, args.aspect_ratio, args.num_frames, args.steps,
                                    args.cfg_scale, args.seed)
     except ValueError as err:
@@ -87,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, InsufficientMemoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    registry.apply(pipe, args.steps_applied)
     print(f"{args.model}: weights {pipe.weights}, {args.dtype}, text encoder "
           f"{args.text_encoder_dtype or args.dtype}, {args.threads} threads, tokenizer "
           f"{'stand-in (not the T5 vocabulary)' if pipe.tokenizer.is_standin else 'T5'}")
@@ -94,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{setting.num_frames} frames -> latent {pipe.latent_size(setting)}, {setting.steps} steps")
 
     result = pipe([args.prompt], setting, free_text_encoder=not args.keep_text_encoder)
+    caching = cache_stats(pipe.transformer) if args.cache else None
     frames = to_uint8(result.video[0])
     record = dict(
         prompt=args.prompt, model=args.model, weights=pipe.weights, dtype=args.dtype,
@@ -101,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads, setting=vars(setting) | {"fps": setting.fps},
         frames_shape=list(frames.shape), load_seconds=load_seconds, load_peak_rss_bytes=load_peak,
         seconds=result.seconds, peak_rss_bytes=result.peak_rss_bytes,
+        optimizations=registry.describe(pipe), cache=caching,
         torch=torch.__version__, machine=platform.machine(), processor=platform.processor(),
     )
     outputs = (args.out, args.out.with_suffix(".npz"), args.out.with_suffix(".json"))
@@ -114,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'(load weights)':<16} {load_seconds:9.2f} s   peak RSS {load_peak / GIB:6.2f} GiB")
     for stage in STAGES:
         print(f"  {stage:<16} {result.seconds[stage]:9.2f} s   peak RSS {result.peak_rss_bytes[stage] / GIB:6.2f} GiB")
+    if caching:
+        print(f"  cache {args.cache}: {caching['evaluations']} of {setting.steps} steps ran the transformer's blocks; "
+              f"attention ran {caching['executed_attn']} of {setting.steps * caching['blocks']} times")
     print(f"  {'total':<16} {sum(result.seconds.values()):9.2f} s   peak RSS "
           f"{max(result.peak_rss_bytes.values()) / GIB:6.2f} GiB")
     print(f"wrote {', '.join(str(p) for p in outputs)} ({frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]})")

@@ -366,6 +366,39 @@ def apply_step_counts(pipe: OpenSoraPipeline) -> OpenSoraPipeline:
     return pipe
 
 
+# the command line's ``--cache NAME[:VALUE]``: NAME -> (registry step, the option VALUE sets, how it is read)
+CACHE_SPECS = {
+    "teacache": ("teacache", "threshold", float),
+    "pab": ("pab", None, None),
+    "fbc": ("first_block_cache", "threshold", float),
+    "magcache": ("mag_cache", "threshold", float),
+    "taylorseer": ("taylorseer", "cache_interval", int),
+}
+
+
+def parse_cache(spec: str) -> dict[str, dict]:
+    """``"teacache:0.2"`` -> ``{"teacache": {"threshold": 0.2}}`` (registry steps); ``teacache:slow`` and
+    ``teacache:fast`` name TeaCache's published thresholds."""
+    name, _, value = spec.partition(":")
+    accepted = "teacache[:THRESHOLD|slow|fast], pab, fbc[:THRESHOLD], magcache[:THRESHOLD], taylorseer[:INTERVAL]"
+    if name not in CACHE_SPECS:
+        raise ValueError(f"unknown cache {spec!r}; accepted: {accepted}")
+    step, option, kind = CACHE_SPECS[name]
+    if not value:
+        return {step: {}}
+    if option is None:
+        raise ValueError(f"{name} takes no value (got {spec!r}); accepted: {accepted}")
+    if name == "teacache" and value in TEACACHE_THRESHOLDS:
+        return {step: {option: TEACACHE_THRESHOLDS[value]}}
+    try:
+        parsed = kind(value)
+    except ValueError:
+        raise ValueError(f"{spec!r}: {value!r} is not a {kind.__name__}; accepted: {accepted}") from None
+    if not parsed >= 0:
+        raise ValueError(f"{spec!r}: the value must be at least 0; accepted: {accepted}")
+    return {step: {option: parsed}}
+
+
 # ---- TeaCache's polynomial, fitted to a model's own steps -----------------------------------------------
 
 class _PairRecorder(ModelHook):
