@@ -133,6 +133,7 @@ def test_one_model_takes_caches_in_turn(caption, uncached):
     assert torch.equal(denoised(pipe, caption), skipped)
     with pytest.raises(ValueError, match="already has the step cache"):
         pab(pipe.transformer)
+    assert torch.equal(denoised(pipe, caption), skipped)  # the refused cache left no hook behind
 
 
 def test_checkpoint_names_unchanged():

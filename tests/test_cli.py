@@ -71,6 +71,7 @@ def _with(option, value):
     (_with("--cache", "teacache:abc"), "'abc' is not a float"),
     (_with("--cache", "teacache:-1"), "must be at least 0"),
     (_with("--cache", "pab:2"), "pab takes no value"),
+    (_with("--cache", "magcache"), "measured for 30 steps; got --steps 2"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:

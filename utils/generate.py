@@ -27,6 +27,7 @@ from utils.model.video import to_uint8, write_frames, write_mp4
 from utils.model.weights import TRAINED_MINI, CheckpointError
 from utils.optim import registry
 from utils.optim.caching import cache_stats, parse_cache
+from utils.optim.hook_caches import MAGCACHE_OPENSORA
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +76,9 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Video
         args.steps_applied = parse_cache(args.cache) if args.cache else {}
     except ValueError as err:
         parser.error(f"--cache: {err}")
+    if "mag_cache" in args.steps_applied and args.steps != len(MAGCACHE_OPENSORA):
+        parser.error(f"--cache magcache uses MagCache's published OpenSora ratios, measured for "
+                     f"{len(MAGCACHE_OPENSORA)} steps; got --steps {args.steps}")
     try:
         return VideoSetting.create(args.resolution, args.aspect_ratio, args.num_frames, args.steps,
                                    args.cfg_scale, args.seed)

@@ -60,7 +60,7 @@ def _register(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
     HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
 
 
-def _blocks(model: STDiT3) -> list[STDiT3Block]:
+def blocks_in_order(model: STDiT3) -> list[STDiT3Block]:
     """The blocks in the order they run: spatial 0, temporal 0, spatial 1, ..."""
     return [b for pair in zip(model.spatial_blocks, model.temporal_blocks) for b in pair]
 
@@ -70,39 +70,43 @@ def _hooks(model: torch.nn.Module, name: str) -> list[ModelHook]:
     return [r.hooks[name] for r in registries if r is not None and name in r.hooks]
 
 
-def _enable(model: STDiT3, config: CacheConfig) -> None:
-    if model.is_cache_enabled and not (isinstance(model._cache_config, CacheConfig)
-                                       and model._cache_config.name == "step_counts"):
+def counts_only(model: STDiT3) -> bool:
+    """Whether the model's only "cache" is the counters (``step_counts``), which a real cache replaces."""
+    return isinstance(model._cache_config, CacheConfig) and model._cache_config.name == "step_counts"
+
+
+def make_room(model: STDiT3) -> None:
+    """Before a cache is enabled: refuse a second cache; the counters-only config gives way."""
+    if model.is_cache_enabled and not counts_only(model):
         raise ValueError(f"the transformer already has the step cache {model._cache_config}; one cache per pipeline")
+    model._cache_config = None
+
+
+def enable(model: STDiT3, config) -> None:
+    """Record ``config`` as the model's step cache (diffusers' ``_cache_config``), refusing a second cache."""
+    make_room(model)
     HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
     model._cache_config = config
 
 
 # ---- counting: how much of the model ran --------------------------------------------------------------
 
-class _Count(BaseState):
-    def __init__(self):
-        self.calls = 0
-
-    def reset(self):
-        self.calls = 0
-
-
 class StepCounter(ModelHook):
-    """Counts the calls that reach a module (the cache hooks sit outside it, so a skipped call is not counted)."""
+    """Counts the calls that reach a module (the cache hooks sit outside it, so a skipped call is not counted);
+    reset with the caches, before each video."""
 
     _is_stateful = True
 
     def __init__(self):
         super().__init__()
-        self.state_manager = StateManager(_Count)
+        self.calls = 0
 
     def pre_forward(self, module, *args, **kwargs):
-        self.state_manager.get_state().calls += 1
+        self.calls += 1
         return args, kwargs
 
     def reset_state(self, module):
-        self.state_manager.reset()
+        self.calls = 0
         return module
 
 
@@ -110,7 +114,7 @@ def install_counters(model: STDiT3) -> None:
     """A ``StepCounter`` on every block and on its attention, cross-attention and MLP (once per model)."""
     if _hooks(model, COUNTER_HOOK):
         return
-    for block in _blocks(model):
+    for block in blocks_in_order(model):
         for module in (block, block.attn, block.cross_attn, block.mlp):
             _register(module, StepCounter(), COUNTER_HOOK)
 
@@ -119,20 +123,40 @@ def _calls(module: torch.nn.Module) -> int:
     registry = getattr(module, "_diffusers_hook", None)
     if registry is None or COUNTER_HOOK not in registry.hooks:
         raise ValueError("the transformer has no step counters; apply a cache step (or step_counts) first")
-    return sum(state.calls for state in registry.hooks[COUNTER_HOOK].state_manager._state_cache.values())
+    return registry.hooks[COUNTER_HOOK].calls
 
 
 def cache_stats(model: STDiT3) -> dict:
-    """After a video: how many times each kind of module ran (``executed_<kind>``, over all ``blocks``), the
-    full evaluations (``evaluations``: calls in which the last block ran) and the bytes the caches hold."""
-    blocks = _blocks(model)
+    """After a video: how many times each kind of module ran (``executed_<kind>`` over all ``blocks``, and
+    ``executed_<kind>_spatial`` / ``_temporal`` by block type), the full evaluations (``evaluations``: calls
+    in which the last block ran) and the bytes the caches hold."""
+    blocks = blocks_in_order(model)
     executed = {f"executed_{kind}": sum(_calls(getattr(b, kind) if kind != "block" else b) for b in blocks)
                 for kind in COUNTED}
-    return executed | dict(blocks=len(blocks), evaluations=_calls(blocks[-1]), cache_bytes=cache_bytes(model))
+    by_type = {f"executed_{kind}_{'temporal' if temporal else 'spatial'}":
+               sum(_calls(getattr(b, kind)) for b in blocks if b.temporal == temporal)
+               for kind in COUNTED[1:] for temporal in (False, True)}
+    return executed | by_type | dict(blocks=len(blocks), evaluations=_calls(blocks[-1]),
+                                     cache_bytes=cache_bytes(model))
+
+
+def _tensors(value):
+    """The tensors in ``value``, looking inside tuples, lists, dicts and plain objects' attributes."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif hasattr(value, "__dict__") and not isinstance(value, (torch.nn.Module, type)):
+        for item in vars(value).values():
+            yield from _tensors(item)
 
 
 def cache_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the tensors the step caches hold now (each distinct storage once)."""
+    """Bytes of the tensors the step caches' states hold now (each distinct storage once)."""
     seen, total = set(), 0
     for module in model.modules():
         registry = getattr(module, "_diffusers_hook", None)
@@ -140,11 +164,11 @@ def cache_bytes(model: torch.nn.Module) -> int:
             continue
         for hook in registry.hooks.values():
             for manager in (v for v in vars(hook).values() if isinstance(v, StateManager)):
-                for state in manager._state_cache.values():
-                    for value in vars(state).values():
-                        if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in seen:
-                            seen.add(value.untyped_storage().data_ptr())
-                            total += value.untyped_storage().nbytes()
+                for tensor in _tensors(list(manager._state_cache.values())):
+                    storage = tensor.untyped_storage()
+                    if storage.data_ptr() not in seen:
+                        seen.add(storage.data_ptr())
+                        total += storage.nbytes()
     return total
 
 
@@ -238,15 +262,16 @@ def teacache(model: STDiT3, threshold: float = TEACACHE_THRESHOLDS["slow"],
         raise ValueError("TeaCache needs the rescaling polynomial's coefficients (highest power first)")
     if replay is not None and not all(isinstance(i, int) and i >= 0 for i in replay):
         raise ValueError(f"replay takes the step indices (ints >= 0) to compute, got {replay!r}")
+    make_room(model)
     install_counters(model)
     manager = StateManager(_TeaState)
-    blocks = _blocks(model)
+    blocks = blocks_in_order(model)
     replayed = None if replay is None else frozenset(replay)
     for i, block in enumerate(blocks):
         _register(block, TeaCacheHook(manager, head=i == 0, tail=i == len(blocks) - 1, threshold=float(threshold),
                                       coefficients=tuple(coefficients), replay=replayed), "teacache")
     options = dict(threshold=float(threshold), coefficients=list(coefficients))
-    _enable(model, CacheConfig("teacache", options | ({} if replay is None else {"replay": sorted(replayed)})))
+    enable(model, CacheConfig("teacache", options | ({} if replay is None else {"replay": sorted(replayed)})))
     return model
 
 
@@ -313,13 +338,14 @@ def pab(model: STDiT3, spatial: int | None = PAB_OPENSORA["spatial"], temporal: 
     low, high = (float(v) for v in window)
     if not low < high:
         raise ValueError(f"PAB's timestep window must be (low, high) with low < high, got {window}")
+    make_room(model)
     install_counters(model)
-    for block in _blocks(model):
+    for block in blocks_in_order(model):
         attention = ranges["temporal" if block.temporal else "spatial"]
         for module, every in ((block.attn, attention), (block.cross_attn, ranges["cross"])):
             if every is not None and every > 1:
                 _register(module, BroadcastHook(every, (low, high)), "pab")
-    _enable(model, CacheConfig("pab", dict(ranges, window=[low, high])))
+    enable(model, CacheConfig("pab", dict(ranges, window=[low, high])))
     return model
 
 
@@ -335,7 +361,7 @@ def remove_cache(model: STDiT3) -> STDiT3:
     else:  # one of diffusers' own configs (utils.optim.hook_caches)
         model.disable_cache()
     HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
-    _enable(model, CacheConfig("step_counts"))
+    enable(model, CacheConfig("step_counts"))
     return model
 
 
@@ -362,7 +388,7 @@ def apply_pab(pipe: OpenSoraPipeline, spatial=PAB_OPENSORA["spatial"], temporal=
 def apply_step_counts(pipe: OpenSoraPipeline) -> OpenSoraPipeline:
     """No cache: the counters alone, so an uncached run reports the same counts as a cached one."""
     install_counters(_transformer(pipe))
-    _enable(_transformer(pipe), CacheConfig("step_counts"))
+    enable(_transformer(pipe), CacheConfig("step_counts"))
     return pipe
 
 

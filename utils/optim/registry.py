@@ -16,6 +16,7 @@ from __future__ import annotations
 from utils.model.pipeline import OpenSoraPipeline
 from utils.optim.attention import apply_attention
 from utils.optim.caching import apply_pab, apply_step_counts, apply_teacache
+from utils.optim.hook_caches import apply_first_block_cache, apply_mag_cache, apply_taylorseer
 from utils.optim.precision import apply_autocast, apply_bf16
 from utils.optim.quantize import apply_int8_weight_only, apply_quantize
 from utils.optim.rewrites import apply_cache_text_kv, apply_fused_modulate, apply_fused_rope, apply_vae_channels_last
@@ -39,6 +40,10 @@ OPTIMIZATIONS = {
     # step caches (utils.optim.caching): diffusers hooks outside the rewrites' hooks; one per pipeline
     "teacache": apply_teacache,
     "pab": apply_pab,
+    # diffusers' own step caches (utils.optim.hook_caches)
+    "first_block_cache": apply_first_block_cache,
+    "mag_cache": apply_mag_cache,
+    "taylorseer": apply_taylorseer,
     "step_counts": apply_step_counts,
     "compile": apply_compile,
     "autocast": apply_autocast,
