@@ -43,12 +43,14 @@ class FigureSpec:
     """One figure of a section: ``draw(inputs, path)`` writes the PNG and returns its path, or None when its
     records are not there (None for a figure a notebook draws itself, shown when its file exists);
     ``shows`` the records its context line (CPU, threads, weights) describes, as ``select`` criteria;
-    ``context`` a fixed context line instead."""
+    ``context`` a fixed context line instead, or ``describe(inputs)`` one computed from the inputs (a section
+    drawn from another environment than the primary one names its own CPU)."""
 
     caption: str
     draw: Callable[[ReportInputs, Path], Path | None] | None = None
     shows: dict | None = None
     context: str | None = None
+    describe: Callable[[ReportInputs], str] | None = None
 
     @classmethod
     def of_records(cls, draw: Callable, caption: str, shows: dict | None = None) -> "FigureSpec":

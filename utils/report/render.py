@@ -35,6 +35,7 @@ from utils.report.sections import (
     s04_precision_threads_memory,
     s05_attention,
     s06_int8,
+    s07_step_caching,
     s90_cross_platform,
 )
 from utils.report.sections.s03_quality_baseline import split_mini_records
@@ -43,7 +44,7 @@ TEMPLATES = Path(__file__).parent / "templates"
 TEMPLATE = "report.md.j2"
 # every section of the report, in the notebooks' order
 SECTIONS = (s00_environment, s01_baseline, s02_stage_profile, s03_quality_baseline, s04_precision_threads_memory,
-            s05_attention, s06_int8, s90_cross_platform, arm_check)
+            s05_attention, s06_int8, s07_step_caching, s90_cross_platform, arm_check)
 # config fields that say nothing about the setting (or are lists) stay out of "How to reproduce"
 UNSUMMARISED = {"config.mkn", "config.latent"}
 
@@ -121,7 +122,8 @@ def draw_figures(inputs: ReportInputs, figures_dir: Path, out_dir: Path) -> dict
                     path.unlink(missing_ok=True)  # a figure of records no longer there would mislead
             figures[name] = None if drawn is None else dict(
                 path=Path(os.path.relpath(drawn, out_dir)).as_posix(), caption=spec.caption,
-                context=spec.context or context_label(select(inputs.df, **spec.shows), inputs.environment))
+                context=spec.context or (spec.describe(inputs) if spec.describe else
+                                         context_label(select(inputs.df, **spec.shows), inputs.environment)))
     return figures
 
 

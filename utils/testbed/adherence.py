@@ -216,6 +216,17 @@ def adherence_margin(fraction: float, clips: int, z: float = 2.0) -> float:
     return z * math.sqrt(2 * fraction * (1 - fraction) / clips)
 
 
+def paired_margin(differences, z: float = 2.0) -> float:
+    """How far the mean of per-clip differences (variant minus reference, each -1, 0 or 1, the same captions
+    and noise) may lie from 0 by chance alone: ``z`` standard errors of that mean, ``z * sd / sqrt(n)``. Pairing
+    removes the spread between clips that both runs share, so it is tighter than ``adherence_margin``; 0 when
+    every clip agrees."""
+    values = np.asarray(differences, dtype=float)
+    if values.size < 2:
+        raise ValueError(f"a paired margin needs at least two clips, got {values.size}")
+    return float(z * values.std(ddof=1) / math.sqrt(values.size))
+
+
 def adherence_summary(table: pd.DataFrame) -> dict:
     """Accuracy per attribute, all-correct and found rates (fractions in [0, 1]), and the clip count n."""
     if len(table) == 0:
