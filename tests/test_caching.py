@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+from utils.experiments import e07_step_caching as e07
+from utils.measure.records import prepare
+from utils.measure.results import RESULTS, load_records
 from utils.model.pipeline import VideoSetting, load_pipeline
 from utils.model.sampler import rflow_timesteps
-from utils.model.weights import COMPONENTS
+from utils.model.weights import COMPONENTS, TRAINED_MINI, weights_present
 from utils.optim import registry
 from utils.optim.caching import (
     PAB_OPENSORA,
@@ -22,6 +25,8 @@ from utils.optim.caching import (
     teacache,
     teacache_stats,
 )
+from utils.report.sections import s07_step_caching as s07
+from utils.testbed.adherence import paired_margin
 
 STEPS = 8
 SETTING = VideoSetting.create("144p", "9:16", 17, steps=STEPS)
@@ -164,3 +169,24 @@ def test_bad_options_fail_clearly(steps, message):
 
 def test_cache_bytes_counts_nothing_without_state():
     assert cache_bytes(load_pipeline("tiny", dtype="fp32", load=()).transformer) == 0
+
+
+def test_the_recommended_cache_keeps_the_mini_models_adherence():
+    """The cache the report recommends (``s07_step_caching.choice`` over the stored records) against the uncached
+    run on the held-out captions, two seeds, paired: its all-correct fraction is no further below the uncached
+    run's than two standard errors of the per-clip differences."""
+    if not weights_present():
+        pytest.skip("the trained mini model is not in data/mini-model")
+    rows, environment = s07.notebook_rows(prepare(load_records(RESULTS)), None)
+    best = s07.choice(s07.curve_table(rows)) if environment else None
+    if not best or not best["best"]:
+        pytest.skip("no stored notebook 07 run recommends a cache")
+    row = rows[(rows["variant"] == best["best"]["variant"]) & (rows["metric"] == "adherence_difference")].iloc[-1]
+    variant = e07.variant_of(row["config.method"], row["config.method_value"], int(row["config.sampling_steps"]),
+                             row["config.coefficients"])
+    pipe = load_pipeline("mini", weights=TRAINED_MINI, dtype="fp32")
+    reference = e07.run_clips(pipe, e07.variant_of("none", variant.steps, variant.steps), ["held_out"], [0, 1], 7.0)
+    table = e07.clip_table(e07.run_clips(pipe, variant, ["held_out"], [0, 1], 7.0), reference)
+    assert table["evaluations"].mean() < variant.steps or table["attention_fraction"].mean() < 1  # it saved work
+    differences = table["all_correct"].astype(float) - e07.clip_table(reference, reference)["all_correct"].astype(float)
+    assert differences.mean() >= -paired_margin(differences.to_numpy())

@@ -62,26 +62,42 @@ class Variant:
     cache: dict = field(default_factory=dict, hash=False)
 
 
+# method -> (the variant's name for a value, the registry step, the option the value sets)
+METHODS = {
+    "teacache, published fit": ("teacache {} (published fit)", "teacache", "threshold"),
+    "teacache, mini fit": ("teacache {} (mini fit)", "teacache", "threshold"),
+    "pab": ("pab (VideoSys OpenSora)", "pab", None),
+    "first-block cache (diffusers)": ("first-block cache {}", "first_block_cache", "threshold"),
+    "magcache (diffusers, published ratios)": ("magcache {}", "mag_cache", "threshold"),
+    "taylorseer (diffusers)": ("taylorseer every {}", "taylorseer", "cache_interval"),
+}
+
+
+def variant_of(method: str, value, steps: int, coefficients=None) -> Variant:
+    """The variant of ``method`` at ``value`` (a threshold, an interval, or the step count for "fewer steps"
+    and "none"), as the notebook builds it and as a record's config names it."""
+    if method in ("none", "fewer steps"):
+        n = int(value)
+        return Variant(BASELINE if method == "none" and n == 30 else f"{n} steps", method, n, n)
+    if method not in METHODS:
+        raise ValueError(f"unknown caching method {method!r}; accepted: none, fewer steps, {', '.join(METHODS)}")
+    name, step, option = METHODS[method]
+    options = {} if option is None else {option: int(value) if option == "cache_interval" else float(value)}
+    if method == "teacache, mini fit":
+        options["coefficients"] = list(coefficients)
+    return Variant(name.format(value), method, value, steps, {step: options})
+
+
 def variants(steps: int, fewer_steps=(), teacache_thresholds=(), mini_thresholds=(), mini_coefficients=None,
              pab: bool = True, fbc_thresholds=(), magcache_thresholds=(), taylorseer_intervals=()) -> list[Variant]:
     """The baseline (``steps`` steps, no cache) and each variant the parameters ask for."""
-    out = [Variant(BASELINE if steps == 30 else f"{steps} steps", "none", steps, steps)]
-    out += [Variant(f"{n} steps", "fewer steps", n, n) for n in fewer_steps if n != steps]
-    out += [Variant(f"teacache {t} (published fit)", "teacache, published fit", t, steps,
-                    {"teacache": {"threshold": t}}) for t in teacache_thresholds]
-    if mini_coefficients is not None:
-        out += [Variant(f"teacache {t} (mini fit)", "teacache, mini fit", t, steps,
-                        {"teacache": {"threshold": t, "coefficients": list(mini_coefficients)}})
-                for t in mini_thresholds]
-    if pab:
-        out.append(Variant("pab (VideoSys OpenSora)", "pab", None, steps, {"pab": {}}))
-    out += [Variant(f"first-block cache {t}", "first-block cache (diffusers)", t, steps,
-                    {"first_block_cache": {"threshold": t}}) for t in fbc_thresholds]
-    out += [Variant(f"magcache {t}", "magcache (diffusers, published ratios)", t, steps,
-                    {"mag_cache": {"threshold": t}}) for t in magcache_thresholds]
-    out += [Variant(f"taylorseer every {n}", "taylorseer (diffusers)", n, steps,
-                    {"taylorseer": {"cache_interval": n}}) for n in taylorseer_intervals]
-    return out
+    values = {"fewer steps": [n for n in fewer_steps if n != steps], "teacache, published fit": teacache_thresholds,
+              "teacache, mini fit": mini_thresholds if mini_coefficients is not None else (),
+              "pab": [None] if pab else [], "first-block cache (diffusers)": fbc_thresholds,
+              "magcache (diffusers, published ratios)": magcache_thresholds,
+              "taylorseer (diffusers)": taylorseer_intervals}
+    return [variant_of("none", steps, steps)] + [
+        variant_of(method, value, steps, mini_coefficients) for method, chosen in values.items() for value in chosen]
 
 
 def use(pipe: OpenSoraPipeline, variant: Variant) -> None:
@@ -136,8 +152,9 @@ def clip_seed(seed: int, index: int) -> int:
 
 
 def run_clips(pipe: OpenSoraPipeline, variant: Variant, splits, seeds, cfg_scale: float,
-              flops: dict[str, int]) -> list[dict]:
-    """Every caption of ``splits`` once per seed, one video per call: decoded clip, final latent, counts."""
+              flops: dict[str, int] | None = None) -> list[dict]:
+    """Every caption of ``splits`` once per seed, one video per call: decoded clip, final latent, counts (and
+    the FLOP-weighted evaluations with ``flops``)."""
     use(pipe, variant)
     rows = []
     jobs = [(split, seed, i, a) for split in splits for seed in seeds
@@ -146,7 +163,7 @@ def run_clips(pipe: OpenSoraPipeline, variant: Variant, splits, seeds, cfg_scale
         video, latent = minimodel.generate(pipe, [attributes], clip_seed(seed, index), variant.steps, cfg_scale)
         stats = cache_stats(pipe.transformer)
         rows.append(dict(split=split, seed=seed, index=index, attributes=attributes, video=video[0], latent=latent[0],
-                         equivalents=equivalents(stats, flops), **stats))
+                         equivalents=equivalents(stats, flops) if flops else None, **stats))
     return rows
 
 

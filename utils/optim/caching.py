@@ -110,20 +110,29 @@ class StepCounter(ModelHook):
         return module
 
 
-def install_counters(model: STDiT3) -> None:
-    """A ``StepCounter`` on every block and on its attention, cross-attention and MLP (once per model)."""
-    if _hooks(model, COUNTER_HOOK):
-        return
-    for block in blocks_in_order(model):
-        for module in (block, block.attn, block.cross_attn, block.mlp):
+def install_counters(model: STDiT3, branches: bool = False) -> None:
+    """A ``StepCounter`` on every block and, with ``branches`` (caches that reuse a block's attention or MLP
+    output), on its attention, cross-attention and MLP; each once per model. Without branch counters a branch
+    runs exactly when its block does, and no hook sits inside the block, which ``torch.compile`` compiles
+    whole (a hook there is traced into the compiled code and recompiles it for every block)."""
+    modules = [m for b in blocks_in_order(model) for m in ((b, b.attn, b.cross_attn, b.mlp) if branches else (b,))]
+    for module in modules:
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is None or COUNTER_HOOK not in registry.hooks:
             _register(module, StepCounter(), COUNTER_HOOK)
 
 
-def _calls(module: torch.nn.Module) -> int:
+def _counter(module: torch.nn.Module) -> StepCounter | None:
     registry = getattr(module, "_diffusers_hook", None)
-    if registry is None or COUNTER_HOOK not in registry.hooks:
+    return None if registry is None else registry.hooks.get(COUNTER_HOOK)
+
+
+def _calls(block: STDiT3Block, kind: str = "block") -> int:
+    """Calls of ``block`` (or of its branch ``kind``: the block's own count where the branch has no counter)."""
+    counter = _counter(block) if kind == "block" else (_counter(getattr(block, kind)) or _counter(block))
+    if counter is None:
         raise ValueError("the transformer has no step counters; apply a cache step (or step_counts) first")
-    return registry.hooks[COUNTER_HOOK].calls
+    return counter.calls
 
 
 def cache_stats(model: STDiT3) -> dict:
@@ -131,10 +140,9 @@ def cache_stats(model: STDiT3) -> dict:
     ``executed_<kind>_spatial`` / ``_temporal`` by block type), the full evaluations (``evaluations``: calls
     in which the last block ran) and the bytes the caches hold."""
     blocks = blocks_in_order(model)
-    executed = {f"executed_{kind}": sum(_calls(getattr(b, kind) if kind != "block" else b) for b in blocks)
-                for kind in COUNTED}
+    executed = {f"executed_{kind}": sum(_calls(b, kind) for b in blocks) for kind in COUNTED}
     by_type = {f"executed_{kind}_{'temporal' if temporal else 'spatial'}":
-               sum(_calls(getattr(b, kind)) for b in blocks if b.temporal == temporal)
+               sum(_calls(b, kind) for b in blocks if b.temporal == temporal)
                for kind in COUNTED[1:] for temporal in (False, True)}
     return executed | by_type | dict(blocks=len(blocks), evaluations=_calls(blocks[-1]),
                                      cache_bytes=cache_bytes(model))
@@ -339,7 +347,7 @@ def pab(model: STDiT3, spatial: int | None = PAB_OPENSORA["spatial"], temporal: 
     if not low < high:
         raise ValueError(f"PAB's timestep window must be (low, high) with low < high, got {window}")
     make_room(model)
-    install_counters(model)
+    install_counters(model, branches=True)
     for block in blocks_in_order(model):
         attention = ranges["temporal" if block.temporal else "spatial"]
         for module, every in ((block.attn, attention), (block.cross_attn, ranges["cross"])):

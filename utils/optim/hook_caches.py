@@ -108,9 +108,10 @@ def _in_running_order(model: STDiT3) -> torch.nn.Module:
     return view
 
 
-def _attach(model: STDiT3, config, attach) -> None:
-    """Counters first (innermost), the one-cache check before any cache hook, then ``attach()``."""
-    install_counters(model)
+def _attach(model: STDiT3, config, attach, branches: bool = False) -> None:
+    """Counters first (innermost; on the branches too for a cache that reuses them), the one-cache check before
+    any cache hook, then ``attach()``."""
+    install_counters(model, branches)
     enable(model, config)
     attach()
     HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
@@ -238,5 +239,5 @@ def apply_taylorseer(pipe: OpenSoraPipeline, cache_interval: int = 5, disable_ca
     config = TaylorSeerCacheConfig(
         **options, taylor_factors_dtype=model.dtype,
         cache_identifiers=[rf"(spatial|temporal)_blocks\.\d+\.({'|'.join(TAYLORSEER_MODULES)})"])
-    _attach(model, config, lambda: taylorseer_cache.apply_taylorseer_cache(model, config))
+    _attach(model, config, lambda: taylorseer_cache.apply_taylorseer_cache(model, config), branches=True)
     return pipe

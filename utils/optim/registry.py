@@ -37,15 +37,15 @@ OPTIMIZATIONS = {
     "fused_rope": apply_fused_rope,
     "fused_modulate": apply_fused_modulate,
     "vae_channels_last": apply_vae_channels_last,
-    # step caches (utils.optim.caching): diffusers hooks outside the rewrites' hooks; one per pipeline
+    "compile": apply_compile,
+    # step caches (utils.optim.caching; diffusers' own in utils.optim.hook_caches): diffusers hooks around the
+    # compiled blocks, so their Python decisions and counters stay out of the compiled code; one per pipeline
     "teacache": apply_teacache,
     "pab": apply_pab,
-    # diffusers' own step caches (utils.optim.hook_caches)
     "first_block_cache": apply_first_block_cache,
     "mag_cache": apply_mag_cache,
     "taylorseer": apply_taylorseer,
     "step_counts": apply_step_counts,
-    "compile": apply_compile,
     "autocast": apply_autocast,
 }
 

@@ -2,6 +2,8 @@
 of the transformer's blocks."""
 from __future__ import annotations
 
+import torch
+
 from utils.model.pipeline import OpenSoraPipeline
 
 # ---- VAE chunking (memory against speed) --------------------------------------------------------------
@@ -27,5 +29,7 @@ def apply_compile(pipe: OpenSoraPipeline, mode: str | None = None) -> OpenSoraPi
     denoising call pays for it. Needed for torchao's int8 kernels to run fused (the x86 notes: eager int8
     is slower than bf16, compiled faster)."""
     for block in (*pipe.transformer.spatial_blocks, *pipe.transformer.temporal_blocks):
-        block.compile(mode=mode)
+        # the block's forward as it is now (with the rewrites' hooks), so hooks registered later (the step
+        # caches and their counters) wrap the compiled code instead of being traced into it
+        block.forward = torch.compile(block.forward, mode=mode)
     return pipe

@@ -140,6 +140,16 @@ def speed_table(rows: pd.DataFrame) -> pd.DataFrame | None:
     return pd.DataFrame(out)
 
 
+def real_setting(rows: pd.DataFrame) -> str | None:
+    """"<model>, <resolution> <aspect ratio>, <frames> frames, <dtype>, <threads> threads" of the real-size rows."""
+    real = rows[(rows["config.model"] != "mini") & (rows["metric"] == "seconds")]
+    if real.empty:
+        return None
+    row = real.iloc[-1]
+    return (f"{row['config.model']}, {row['config.resolution']} {row['config.aspect_ratio']}, "
+            f"{int(row['config.frames'])} frames, {row['config.dtype']}, {int(row['config.threads'])} threads")
+
+
 def check_cost(rows: pd.DataFrame) -> dict | None:
     hit = rows[(rows["variant"] == "teacache check") & (rows["metric"] == "seconds")]
     if hit.empty:
@@ -213,5 +223,6 @@ def section(inputs: ReportInputs) -> dict:
     return dict(caching=dict(
         environment=environment.get("cpu_model") or chosen, primary=chosen == inputs.primary,
         curve=table, choice=choice(table), coefficients=coefficients(rows), speed=speed_table(rows),
+        real_setting=real_setting(rows),
         check=check_cost(rows), clips=int(clips["spread.n"]) if clips is not None else None,
         configured=inputs.configured.get(NOTEBOOK)))
