@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from utils.measure.compare import Spread, verdict
@@ -75,9 +76,31 @@ def curve_table(rows: pd.DataFrame) -> pd.DataFrame | None:
     return pd.DataFrame(out)
 
 
+def equal_work(table: pd.DataFrame) -> pd.DataFrame | None:
+    """Each cache that keeps adherence, against fewer steps at the same work: its PSNR and the PSNR of the
+    fewer-steps runs interpolated linearly at its FLOP-weighted evaluations (derived; only inside the range of
+    the fewer-steps runs measured, the uncached run excluded as its PSNR is infinite)."""
+    cost = "FLOP-weighted evaluations (derived)"
+    fewer = table[table["method"] == "fewer steps"].dropna(subset=["PSNR dB"]).sort_values(cost)
+    caches = table[~table["method"].isin(["fewer steps", BASELINE]) & (table["verdict"] == "within the margin")]
+    if len(fewer) < 2 or caches.empty:
+        return None
+    low, high = fewer[cost].min(), fewer[cost].max()
+    rows = []
+    for _, row in caches.sort_values(cost).iterrows():
+        if not low <= row[cost] <= high or pd.isna(row["PSNR dB"]):
+            continue
+        reference = float(np.interp(row[cost], fewer[cost], fewer["PSNR dB"]))
+        rows.append({"cache": row["variant"], cost: row[cost], "cache PSNR dB (measured)": row["PSNR dB"],
+                     "fewer steps PSNR dB at the same work (interpolated)": reference,
+                     "gain dB (derived)": row["PSNR dB"] - reference})
+    return pd.DataFrame(rows) if rows else None
+
+
 def choice(table: pd.DataFrame) -> dict | None:
-    """The cheapest variant (FLOP-weighted) that keeps adherence within the margin, the cheapest such "fewer
-    steps" run, and which wins: the answer to "caching or fewer steps?"."""
+    """The answer to "caching or fewer steps?" on two counts: on adherence, the cheapest variant (FLOP-weighted)
+    that keeps it within the margin among the caches and among the fewer-steps runs; on fidelity to the uncached
+    video, how many of those caches beat fewer steps at the same work (``equal_work``)."""
     if table is None:
         return None
     cost = "FLOP-weighted evaluations (derived)"
@@ -92,7 +115,11 @@ def choice(table: pd.DataFrame) -> dict | None:
         winner = "fewer steps"
     else:
         winner = "caching"
-    return dict(best=best_cache, fewer=best_fewer, winner=winner, cost=cost)
+    matched = equal_work(table)
+    fidelity = None if matched is None else dict(
+        table=matched, better=int((matched["gain dB (derived)"] > 0).sum()), of=len(matched),
+        best=matched.sort_values("gain dB (derived)").iloc[-1].to_dict())
+    return dict(best=best_cache, fewer=best_fewer, winner=winner, cost=cost, fidelity=fidelity)
 
 
 def coefficients(rows: pd.DataFrame) -> pd.DataFrame | None:
@@ -158,9 +185,22 @@ def check_cost(rows: pd.DataFrame) -> dict | None:
     return dict(seconds=row["value"], tokens=row.get("config.tokens"), n=int(row["spread.n"]))
 
 
-def curve_figure(rows: pd.DataFrame, path, environment: dict | None = None) -> Path | None:
+def noise_floor(records: pd.DataFrame, rows: pd.DataFrame) -> dict[str, float]:
+    """The mini model's fidelity noise floor of notebook 03 for the same weights: PSNR of a run with the
+    transformer's weights perturbed by a known relative amount against the unperturbed run (newest per amount)."""
+    weights = set(_mini(rows)["config.mini_weights"].dropna()) if "config.mini_weights" in rows else set()
+    floor = select(records, notebook="03_quality_baseline", stage="noise_floor", metric="psnr")
+    floor = floor[(floor["config.model"] == "mini") & floor["variant"].str.startswith("weights")]
+    if weights and "config.mini_weights" in floor:
+        floor = floor[floor["config.mini_weights"].isin(weights)]
+    return {variant: float(group["value"].iloc[-1]) for variant, group in floor.groupby("variant")}
+
+
+def curve_figure(rows: pd.DataFrame, path, environment: dict | None = None,
+                 floor: dict[str, float] | None = None) -> Path | None:
     """All-correct adherence (both splits) and PSNR against FLOP-weighted evaluations, one line per method,
-    the paired margin as error bars around the uncached run's level."""
+    the paired margin as error bars around the uncached run's level; ``floor`` (``noise_floor``) marks the PSNR
+    of known weight perturbations."""
     table = curve_table(rows)
     if table is None:
         return None
@@ -179,6 +219,10 @@ def curve_figure(rows: pd.DataFrame, path, environment: dict | None = None) -> P
         level, margin = base["all-correct, both splits"].iloc[0], table["margin (two SE)"].max()
         left.axhline(level, color="grey", linewidth=0.8, linestyle="--")
         left.axhspan(level - margin, level + margin, color="grey", alpha=0.12)
+    for label, psnr in (floor or {}).items():
+        right.axhline(psnr, color="grey", linewidth=0.8, linestyle=":")
+        right.annotate(f"noise floor: {label} (notebook 03)", (0.01, psnr), xycoords=("axes fraction", "data"),
+                       fontsize=7, color="grey", va="bottom")
     left.set_xlabel("transformer work per video (full evaluations, FLOP-weighted; derived)")
     left.set_ylabel("all-correct adherence (measured)")
     right.set_xlabel("transformer work per video (full evaluations, FLOP-weighted; derived)")
@@ -194,7 +238,10 @@ def curve_figure(rows: pd.DataFrame, path, environment: dict | None = None) -> P
 
 def _draw_curve(inputs: ReportInputs, path) -> Path | None:
     rows, chosen = notebook_rows(inputs.records, inputs.primary)
-    return curve_figure(rows, path, environment=inputs.environments.get(chosen)) if chosen else None
+    if chosen is None:
+        return None
+    return curve_figure(rows, path, environment=inputs.environments.get(chosen),
+                        floor=noise_floor(inputs.records, rows))
 
 
 def _curve_context(inputs: ReportInputs) -> str:
@@ -207,7 +254,8 @@ FIGURES = {
     "caching_curve": FigureSpec(
         "the trained mini model's all-correct adherence (both splits) and PSNR against the uncached clip, against "
         "the FLOP-weighted transformer work per video, per caching method and fewer steps (measured; the work is "
-        "derived from counted calls)", _draw_curve, describe=_curve_context),
+        "derived from counted calls); dotted: the PSNR of runs with the transformer's weights perturbed, notebook "
+        "03's noise floor", _draw_curve, describe=_curve_context),
 }
 
 
