@@ -30,7 +30,6 @@ from utils.measure.fidelity import fidelity
 from utils.measure.flops import count_flops
 from utils.measure.results import Record, ResultsStore, make_config
 from utils.model.pipeline import OpenSoraPipeline, VideoSetting
-from utils.model.sampler import rflow_sample
 from utils.optim.caching import (
     apply_step_counts,
     cache_stats,
@@ -309,9 +308,7 @@ def mini_pattern(pipe: OpenSoraPipeline, threshold: float, coefficients, attribu
     setting = minimodel.mini_setting(steps=steps, cfg_scale=cfg_scale, seed=seed)
     y, mask = pipe.encode_prompt([attributes.caption])
     z = pipe.prepare_latents(1, setting)
-    y_null = pipe.transformer.y_embedder.y_embedding[None].repeat(1, 1, 1)[:, None]
-    rflow_sample(pipe.transformer, pipe.scheduler, z, y, y_null, mask, pipe.model_args(1, setting), num_steps=steps,
-                 cfg_scale=cfg_scale, use_timestep_transform=pipe.use_timestep_transform, progress=False, on_step=keep)
+    pipe.denoise(z, y, mask, setting, progress=False, on_step=keep)
     remove_cache(pipe.transformer)
     return computed
 
@@ -320,13 +317,9 @@ def timed_video(pipe: OpenSoraPipeline, variant: Variant, z, y, mask, setting: V
     """One denoising run of ``variant``: total seconds, each step's seconds and the counts."""
     use(pipe, variant)
     setting = VideoSetting(**{**vars(setting), "steps": variant.steps})
-    y_null = pipe.transformer.y_embedder.y_embedding[None].repeat(len(y), 1, 1)[:, None]
     marks = [time.perf_counter()]
     start = marks[0]
-    rflow_sample(pipe.transformer, pipe.scheduler, z, y, y_null, mask, pipe.model_args(z.shape[0], setting),
-                 num_steps=variant.steps, cfg_scale=setting.cfg_scale,
-                 use_timestep_transform=pipe.use_timestep_transform, progress=False,
-                 on_step=lambda i: marks.append(time.perf_counter()))
+    pipe.denoise(z, y, mask, setting, progress=False, on_step=lambda i: marks.append(time.perf_counter()))
     seconds = time.perf_counter() - start
     stats = cache_stats(pipe.transformer)
     remove_cache(pipe.transformer)  # frees what the cache held

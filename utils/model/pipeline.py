@@ -200,8 +200,9 @@ class OpenSoraPipeline:
         dtype = self.dtypes["transformer"]
         return {k: torch.tensor([v] * batch, dtype=torch.float32).to(self.device, dtype) for k, v in values.items()}
 
-    def denoise(self, z, y, mask, setting: VideoSetting, progress: bool = True) -> torch.Tensor:
-        """Rectified-flow sampling with CFG from noise ``z`` to the final latent (float32)."""
+    def denoise(self, z, y, mask, setting: VideoSetting, progress: bool = True, on_step=None) -> torch.Tensor:
+        """Rectified-flow sampling with CFG from noise ``z`` to the final latent (float32); ``on_step(i)`` is
+        called after each step (e.g. to time it)."""
         self._require("transformer", "denoise")
         with record_function("denoise"):
             # upstream hands the transformer's learned null caption to the text encoder for CFG
@@ -209,7 +210,7 @@ class OpenSoraPipeline:
             return rflow_sample(self.transformer, self.scheduler, z, y.to(self.transformer.dtype), y_null, mask,
                                 self.model_args(z.shape[0], setting), num_steps=setting.steps,
                                 cfg_scale=setting.cfg_scale, use_timestep_transform=self.use_timestep_transform,
-                                progress=progress)
+                                progress=progress, on_step=on_step)
 
     @torch.inference_mode()
     def decode(self, z: torch.Tensor, setting: VideoSetting) -> torch.Tensor:
