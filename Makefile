@@ -31,7 +31,7 @@ ARM_PROFILES ?= g2 g3 g4
 LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 ARM_STORE    ?=
 
-.PHONY: env test smoke report render mini-model lab lab-env lab-check tensorboard arm-check clean-env
+.PHONY: env test smoke report render video mini-model lab lab-env lab-check tensorboard arm-check clean-env
 .NOTPARALLEL:
 # a notebook that fails leaves no executed copy behind, so the next `make report` runs it again
 .DELETE_ON_ERROR:
@@ -73,7 +73,8 @@ build/$(PROFILE)/0%.ipynb: notebooks/0%.ipynb $(PROFILES) | env
 	$(BIN)/python -m utils.notebooks $< $@ --profile $(PROFILE)
 
 build/$(PROFILE)/03_quality_baseline.ipynb build/$(PROFILE)/04_precision_threads_memory.ipynb \
-    build/$(PROFILE)/06_int8.ipynb build/$(PROFILE)/07_step_caching.ipynb: $(MINI_WEIGHTS)
+    build/$(PROFILE)/06_int8.ipynb build/$(PROFILE)/07_step_caching.ipynb build/$(PROFILE)/08_end_to_end.ipynb: \
+    $(MINI_WEIGHTS)
 
 build/$(PROFILE)/9%.ipynb: notebooks/9%.ipynb $(READING) | env
 	$(BIN)/python -m utils.notebooks $< $@ --profile $(PROFILE)
@@ -88,6 +89,17 @@ mini-model: env
 # The report from stored records alone (any machine, nothing measured).
 render: env
 	$(BIN)/python -m utils.report
+
+# One video with a named recipe (utils.optim.recipes: faithful, upstream, fast, small, graviton), e.g.
+#   make video RECIPE=small PROMPT="a red panda eating bamboo" ARGS="--num-frames 4s"
+RECIPE ?= fast
+PROMPT ?=
+ARGS   ?=
+VIDEO  ?= build/videos/$(RECIPE).mp4
+video: env
+	@test -n "$(PROMPT)" || { echo 'make video: give PROMPT="..." (and RECIPE=faithful|upstream|fast|small|graviton)' >&2; exit 2; }
+	@mkdir -p $(dir $(VIDEO))
+	$(BIN)/python -m utils.generate --recipe $(RECIPE) --prompt "$(PROMPT)" --out $(VIDEO) $(ARGS)
 
 lab-env: env
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(PIP_EXTRA) -r requirements-lab.txt

@@ -3,15 +3,21 @@
     python -m utils.generate --prompt "a red panda eating bamboo" --resolution 144p --aspect-ratio 9:16 \
         --num-frames 2s --steps 30 --dtype bf16 --weights random --out video.mp4
 
+    python -m utils.generate --recipe fast --prompt "a red panda eating bamboo" --out video.mp4
+
 Writes ``video.mp4`` (h264, 24 fps), ``video.npz`` (the lossless uint8 frames) and ``video.json`` (the
-setting, the weights label, stage times and peak memory). Bad input exits with status 2 before any
-heavy work and leaves no output file.
+setting, the weights label, stage times and peak memory). ``--recipe`` picks a named recipe
+(``utils.optim.recipes``: faithful, upstream, fast, small, graviton) in place of ``--dtype``,
+``--text-encoder-dtype`` and ``--cache``; a recipe with start-up settings restarts the command with them set.
+Bad input exits with status 2 before any heavy work and leaves no output file.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import resource
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -28,6 +34,7 @@ from utils.model.weights import TRAINED_MINI, CheckpointError
 from utils.optim import registry
 from utils.optim.caching import cache_stats, parse_cache
 from utils.optim.hook_caches import MAGCACHE_OPENSORA
+from utils.optim.recipes import RECIPES, build_pipeline, missing_env, recipe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30, help="rectified-flow steps (upstream: 30)")
     p.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance scale (upstream: 7)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="transformer and VAE precision")
+    p.add_argument("--recipe", choices=list(RECIPES),
+                   help="a named recipe (the study's headline configurations), in place of --dtype, "
+                        "--text-encoder-dtype and --cache: "
+                        + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()))
+    p.add_argument("--dtype", choices=list(DTYPES), help="transformer and VAE precision (default bf16)")
     p.add_argument("--text-encoder-dtype", choices=list(DTYPES),
                    help="T5 precision (default: --dtype; upstream runs T5 in fp32)")
     p.add_argument("--weights", default="random",
@@ -72,6 +83,13 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Video
                      "DeepFloyd/t5-v1_1-xxl (or, with --model mini, a training run's <folder>/<component>/)")
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
+    if args.recipe:
+        given = [flag for flag, value in (("--dtype", args.dtype), ("--text-encoder-dtype", args.text_encoder_dtype),
+                                           ("--cache", args.cache)) if value is not None]
+        if given:
+            parser.error(f"--recipe {args.recipe} sets the precisions and the cache itself; drop {', '.join(given)} "
+                         f"(the recipe: {recipe(args.recipe).describe()})")
+    args.dtype = args.dtype or ("fp32" if args.recipe else "bf16")  # a recipe builds fp32, its steps choose
     try:
         args.steps_applied = parse_cache(args.cache) if args.cache else {}
     except ValueError as err:
@@ -86,35 +104,59 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Video
         parser.error(str(err))
 
 
+def restart_with(settings: dict[str, str], argv: list[str] | None) -> None:
+    """Run this command again in a process started with ``settings`` (start-up settings a recipe needs: oneDNN
+    and OpenMP read them once, when the process starts)."""
+    print("restarting with the recipe's start-up settings: " + " ".join(f"{k}={v}" for k, v in settings.items()),
+          flush=True)
+    argv = sys.argv[1:] if argv is None else argv
+    os.execve(sys.executable, [sys.executable, "-m", "utils.generate", *argv], os.environ | settings)
+
+
+def build(args: argparse.Namespace, setting: VideoSetting):
+    if args.recipe:
+        return build_pipeline(args.recipe, args.model, weights=args.weights, setting=setting,
+                              allow_download=args.allow_download)
+    pipe = load_pipeline(args.model, weights=args.weights, dtype=args.dtype, text_encoder_dtype=args.text_encoder_dtype,
+                         setting=setting, free_text_encoder=not args.keep_text_encoder,
+                         allow_download=args.allow_download)
+    return registry.apply(pipe, args.steps_applied)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setting = validate(args, parser)
+    if args.recipe and missing_env(args.recipe):
+        restart_with(missing_env(args.recipe), argv)
     torch.set_num_threads(args.threads)
     try:
-        pipe, load_seconds, load_peak = timed(
-            load_pipeline, args.model, weights=args.weights, dtype=args.dtype,
-            text_encoder_dtype=args.text_encoder_dtype, setting=setting,
-            free_text_encoder=not args.keep_text_encoder, allow_download=args.allow_download)
+        pipe, load_seconds, load_peak = timed(build, args, setting)
     except (CheckpointError, InsufficientMemoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    registry.apply(pipe, args.steps_applied)
-    print(f"{args.model}: weights {pipe.weights}, {args.dtype}, text encoder "
-          f"{args.text_encoder_dtype or args.dtype}, {args.threads} threads, tokenizer "
+    precision = {c: str(d).removeprefix("torch.") for c, d in pipe.dtypes.items()}
+    print(f"{args.model}: {f'recipe {args.recipe}, ' if args.recipe else ''}weights {pipe.weights}, "
+          f"{', '.join(f'{c} {d}' for c, d in precision.items())}, {args.threads} threads, tokenizer "
           f"{'stand-in (not the T5 vocabulary)' if pipe.tokenizer.is_standin else 'T5'}")
+    if pipe.optimizations:
+        print(f"steps: {registry.describe(pipe)}")
     print(f"{setting.resolution} {setting.aspect_ratio}: {setting.height}x{setting.width} px, "
           f"{setting.num_frames} frames -> latent {pipe.latent_size(setting)}, {setting.steps} steps")
 
-    result = pipe([args.prompt], setting, free_text_encoder=not args.keep_text_encoder)
-    caching = cache_stats(pipe.transformer) if args.cache else None
+    result, run_seconds, run_peak = timed(pipe, [args.prompt], setting, free_text_encoder=not args.keep_text_encoder)
+    caching = cache_stats(pipe.transformer) if "teacache" in pipe.optimizations or args.cache else None
     frames = to_uint8(result.video[0])
     record = dict(
-        prompt=args.prompt, model=args.model, weights=pipe.weights, dtype=args.dtype,
-        text_encoder_dtype=args.text_encoder_dtype or args.dtype, tokenizer_standin=pipe.tokenizer.is_standin,
+        prompt=args.prompt, model=args.model, recipe=args.recipe, weights=pipe.weights, dtypes=precision,
+        startup_env={k: os.environ.get(k) for k in recipe(args.recipe).env} if args.recipe else {},
+        tokenizer_standin=pipe.tokenizer.is_standin,
         threads=args.threads, setting=vars(setting) | {"fps": setting.fps},
         frames_shape=list(frames.shape), load_seconds=load_seconds, load_peak_rss_bytes=load_peak,
         seconds=result.seconds, peak_rss_bytes=result.peak_rss_bytes,
+        # the whole run: the stages and the loading of each component as its stage comes
+        run_seconds=run_seconds, run_peak_rss_bytes=run_peak,
+        process_max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
         optimizations=registry.describe(pipe), cache=caching,
         torch=torch.__version__, machine=platform.machine(), processor=platform.processor(),
     )
@@ -126,14 +168,16 @@ def main(argv: list[str] | None = None) -> int:
         meta.write_text(json.dumps(record, indent=1))
 
     print(f"weights: {'random (output is noise-like; timings are real)' if pipe.weights == 'random' else pipe.weights}")
-    print(f"  {'(load weights)':<16} {load_seconds:9.2f} s   peak RSS {load_peak / GIB:6.2f} GiB")
+    built = "(build)" if args.recipe else "(load weights)"
+    print(f"  {built:<16} {load_seconds:9.2f} s   peak RSS {load_peak / GIB:6.2f} GiB")
     for stage in STAGES:
         print(f"  {stage:<16} {result.seconds[stage]:9.2f} s   peak RSS {result.peak_rss_bytes[stage] / GIB:6.2f} GiB")
     if caching:
-        print(f"  cache {args.cache}: {caching['evaluations']} of {setting.steps} steps ran the transformer's blocks; "
+        print(f"  cache {args.cache or 'teacache (the recipe)'}: {caching['evaluations']} of {setting.steps} steps "
+              "ran the transformer's blocks; "
               f"attention ran {caching['executed_attn']} of {setting.steps * caching['blocks']} times")
-    print(f"  {'total':<16} {sum(result.seconds.values()):9.2f} s   peak RSS "
-          f"{max(result.peak_rss_bytes.values()) / GIB:6.2f} GiB")
+    print(f"  {'whole run':<16} {run_seconds:9.2f} s   peak RSS {run_peak / GIB:6.2f} GiB (stages and loading each "
+          f"component as its stage comes)")
     print(f"wrote {', '.join(str(p) for p in outputs)} ({frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]})")
     return 0
 

@@ -42,13 +42,12 @@ from utils.model.memory import InsufficientMemoryError, timed
 from utils.model.pipeline import STAGES, VideoSetting, load_pipeline
 from utils.optim import preflight, registry
 from utils.optim.quantize import quantized_bytes
+from utils.optim.recipes import GUIDE_ENV
 from utils.optim.registry import describe
 from utils.testbed.adherence import adherence_summary
 from utils.testbed.minimodel import adherence_records, evaluate_adherence, quality_config
 
 # start-up settings, each set in a fresh process; "guide" is the Graviton guide's whole recommendation
-GUIDE_ENV = {"DNNL_DEFAULT_FPMATH_MODE": "BF16", "LRU_CACHE_CAPACITY": "1024", "THP_MEM_ALLOC_ENABLE": "1",
-             "OMP_PROC_BIND": "false", "OMP_PLACES": "cores"}
 
 ENV_SETTINGS = {
     "default": {},

@@ -109,6 +109,7 @@ class Generation:
     latents: torch.Tensor
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_bytes: dict[str, int] = field(default_factory=dict)
+    load_seconds: dict[str, float] = field(default_factory=dict)  # components loaded during the run
 
 
 
@@ -134,6 +135,9 @@ class OpenSoraPipeline:
         self.optimizations: dict[str, dict] = {}  # name -> options of each applied utils.optim.registry step
         # fn(pipe, component) run after a component gets weights / after it is released (utils.optim.registry)
         self.load_hooks: list = []
+        # component -> fn(pipe, component) that loads it in place of the whole-module materialisation (e.g. part by
+        # part, quantising each part as it comes: utils.optim.quantize's streamed loading)
+        self.loaders: dict = {}
         self.release_hooks: list = []
 
     @property
@@ -152,14 +156,21 @@ class OpenSoraPipeline:
         if self.is_loaded(component):
             return
         module = self._module(component)
+        if component in self.loaders:
+            self.loaders[component](self, component)
+        else:
+            self._load_whole(module, component)
+        for hook in self.load_hooks:
+            hook(self, component)
+
+    def _load_whole(self, module: torch.nn.Module, component: str) -> None:
         check_fits(module_bytes(module, self.dtypes[component]), f"loading the {component}",
                    "Release another component first, or use bf16.", device=self.device)
         if component in self.folders:
+            module.to(dtype=self.dtypes[component])  # on the meta device: the file's tensors are cast as they load
             load_component(module, component, self.folders[component], device=self.device)
         else:
             materialize_random(module, self.dtypes[component], seed=self.seed, device=self.device)
-        for hook in self.load_hooks:
-            hook(self, component)
 
     def release(self, component: str) -> None:
         """Free ``component``'s memory; its shapes stay (meta device) and ``load`` brings it back."""
@@ -221,25 +232,30 @@ class OpenSoraPipeline:
 
     # ---- the whole run -----------------------------------------------------------------------
     def __call__(self, prompts: list[str], setting: VideoSetting, progress: bool = True,
-                 free_text_encoder: bool = False) -> Generation:
+                 free_text_encoder: bool = False, on_step=None) -> Generation:
         """All four stages; with ``free_text_encoder`` the text encoder is released after encoding.
-        Components not loaded are loaded when their stage comes (and that time is not a stage's)."""
-        seconds, peaks = {}, {}
+        Components not loaded are loaded when their stage comes (that time is not a stage's:
+        ``Generation.load_seconds``); ``on_step`` as in ``denoise``."""
+        seconds, peaks, loads = {}, {}, {}
 
-        def run(stage, *args):
-            result, seconds[stage], peaks[stage] = timed(getattr(self, stage), *args, device=self.device)
+        def run(stage, *args, **kwargs):
+            result, seconds[stage], peaks[stage] = timed(getattr(self, stage), *args, device=self.device, **kwargs)
             return result
 
-        self.load("text_encoder")
+        def load(component):
+            if not self.is_loaded(component):
+                loads[component] = timed(self.load, component, device=self.device)[1]
+
+        load("text_encoder")
         y, mask = run("encode_prompt", prompts)
         if free_text_encoder:
             self.release("text_encoder")
         z = run("prepare_latents", len(prompts), setting)
-        self.load("transformer")
-        z = run("denoise", z, y, mask, setting, progress)
-        self.load("vae")
+        load("transformer")
+        z = run("denoise", z, y, mask, setting, progress, on_step=on_step)
+        load("vae")
         video = run("decode", z, setting)
-        return Generation(video=video, latents=z, seconds=seconds, peak_rss_bytes=peaks)
+        return Generation(video=video, latents=z, seconds=seconds, peak_rss_bytes=peaks, load_seconds=loads)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from utils.model.dtypes import dtype_name
 from utils.model.memory import check_fits, module_bytes
 from utils.model.pipeline import OpenSoraPipeline, VideoSetting, estimate_peak_bytes
 from utils.model.weights import COMPONENTS
-from utils.optim.quantize import int8_weight_only_bytes
+from utils.optim.quantize import int8_weight_only_bytes, largest_part_bytes
 from utils.optim.registry import describe
 
 FOOTPRINT_SEPARATE = ("vae_chunking",)  # steps whose effect the footprint key holds in fields of its own
@@ -21,15 +21,19 @@ def memory_estimate(pipe: OpenSoraPipeline, setting: VideoSetting, free_text_enc
     """Peak resident bytes of a whole run of ``pipe`` as optimised (``peak``, ``source``, the footprint
     ``key``, ...), its components loaded each when its stage comes (``lazy_load``, as ``pipe(...)`` does
     on a pipeline built with ``load=()``) or all at once: a measured footprint of the same setting,
-    precisions, steps, VAE chunking and loading when the table has one, else the analytic estimate, with an int8 component counted as int8 once loaded and
-    at its load dtype while it is being loaded."""
+    precisions, steps, VAE chunking and loading when the table has one, else the analytic estimate, with an
+    int8 component counted as int8 once loaded and at its load dtype while it is being loaded (one block of it
+    when it is streamed)."""
     modules = {c: pipe._module(c) for c in COMPONENTS}
     weight_bytes, load_peaks = {}, []
     for step, default in (("int8_weight_only", "text_encoder"), ("quantize", "transformer")):
         if step in pipe.optimizations:  # int8 weights with a scale per row (4-bit schemes: counted as int8)
             component = pipe.optimizations[step].get("component", default)
-            weight_bytes[component] = int8_weight_only_bytes(modules[component], pipe.dtypes[component])
-            load_peaks.append(module_bytes(modules[component], pipe.dtypes[component]))
+            module, dtype = modules[component], pipe.dtypes[component]
+            weight_bytes[component] = int8_weight_only_bytes(module, dtype)
+            # streamed: the int8 parts so far and one part in its load dtype; else the whole module in that dtype
+            load_peaks.append(weight_bytes[component] + largest_part_bytes(module, dtype)
+                              if pipe.optimizations[step].get("streamed") else module_bytes(module, dtype))
     estimate = estimate_peak_bytes(modules["transformer"], modules["vae"], modules["text_encoder"], setting,
                                    pipe.dtypes["transformer"], pipe.dtypes["text_encoder"],
                                    free_text_encoder=free_text_encoder, preset=pipe.preset, lazy_load=lazy_load,

@@ -31,9 +31,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from utils.model.memory import module_bytes, return_freed_memory
+from utils.io import GIB
+from utils.model.memory import check_fits, module_bytes, return_freed_memory
 from utils.model.pipeline import OpenSoraPipeline, VideoSetting
-from utils.model.weights import COMPONENTS
+from utils.model.weights import COMPONENTS, RandomFill, fill_from_checkpoint, materialize_in_parts, module_parts
 
 # the transformer's Linear layers by role, matched on their checkpoint names
 LAYER_CLASSES = {
@@ -50,6 +51,8 @@ BLOCK_CLASSES = ("spatial_attn", "temporal_attn", "cross_attn", "mlp")  # ViDiT-
 SCHEMES = ("w8a8_dynamic", "w8a8_dynamic_ao", "w8a8_static", "w8_weight_only", "w4a8_dynamic")
 
 QUANTIZABLE = ("transformer", "text_encoder")  # the VAE's compute is convolutions (torchao: Linear only)
+
+STREAMABLE = ("w8a8_dynamic", "w8_weight_only", "w4a8_dynamic")  # schemes that quantise a layer from its weight alone
 
 
 def selected_linears(module: nn.Module, component: str, classes=None) -> list[str]:
@@ -217,16 +220,26 @@ def capture_inputs(pipe: OpenSoraPipeline, y, mask, setting: VideoSetting, path:
 
 
 def apply_quantize(pipe: OpenSoraPipeline, scheme: str = "w8a8_dynamic", component: str = "transformer",
-                   classes=BLOCK_CLASSES, calibration: str | None = None, alpha: float | None = 0.5) -> OpenSoraPipeline:
+                   classes=BLOCK_CLASSES, calibration: str | None = None, alpha: float | None = 0.5,
+                   streamed: bool = False) -> OpenSoraPipeline:
     """Quantise ``component``'s Linear layers of the ``classes`` roles (None: every Linear layer; the text
     encoder quantises all of its Linear layers) with ``scheme`` whenever it is loaded. ``calibration``: a file
-    written by ``capture_inputs`` (``w8a8_static`` only); ``alpha``: SmoothQuant's migration strength."""
+    written by ``capture_inputs`` (``w8a8_static`` only); ``alpha``: SmoothQuant's migration strength.
+    ``streamed``: build the component one block at a time, quantising each block before the next is made
+    (``load_streamed``), so it never exists whole in its load dtype (the T5-XXL: 8.9 GiB in bf16, 4.5 GiB once
+    int8); the same weights, so the same result as quantising the whole module (the tests check it)."""
     classes = tuple(classes) if classes is not None else None
     _check(scheme, component, classes)
     if scheme == "w8a8_static" and component != "transformer":
         raise ValueError("w8a8_static calibrates on captured transformer inputs: component must be 'transformer'")
     if scheme == "w8a8_static" and not (calibration and Path(calibration).is_file()):
         raise FileNotFoundError(f"w8a8_static needs a calibration file written by capture_inputs; got {calibration!r}")
+    if streamed and scheme not in STREAMABLE:
+        raise ValueError(f"{scheme} cannot be streamed (it needs the whole module); streamed schemes: "
+                         f"{', '.join(STREAMABLE)}")
+    if streamed and pipe.is_loaded(component):
+        raise ValueError(f"streamed quantisation builds the {component} as it loads, and it is loaded already: build "
+                         "the pipeline with load=() (or release the component) first")
 
     def quantize(pipe_, loaded):
         if loaded != component:
@@ -242,11 +255,43 @@ def apply_quantize(pipe: OpenSoraPipeline, scheme: str = "w8a8_dynamic", compone
         if released == component:
             to_meta_float(pipe_._module(component), pipe_.dtypes[component])
 
-    pipe.load_hooks.append(quantize)
+    if streamed:
+        pipe.loaders[component] = lambda pipe_, loaded: load_streamed(pipe_, loaded, scheme, classes)
+    else:
+        pipe.load_hooks.append(quantize)
     pipe.release_hooks.append(restore_on_meta)
     if pipe.is_loaded(component):
         quantize(pipe, component)
     return pipe
+
+
+def largest_part_bytes(module: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of ``module``'s largest part (``utils.model.weights.module_parts``) in ``dtype``: what a streamed
+    load holds in floating point at once, beside the quantised parts before it."""
+    return max(module_bytes(module.get_submodule(name), dtype) for name in module_parts(module))
+
+
+def load_streamed(pipe: OpenSoraPipeline, component: str, scheme: str, classes) -> None:
+    """``pipe.load`` for a streamed quantised component: each part (random, or read from the official files)
+    is made in the component's dtype and its selected Linear layers quantised before the next part exists."""
+    module = pipe._module(component)
+    dtype = pipe.dtypes[component]
+    needed = int8_weight_only_bytes(module, dtype) + largest_part_bytes(module, dtype)
+    check_fits(needed, f"loading the {component} block by block as {scheme} ({needed / GIB:.1f} GiB)",
+               "Release another component first.", device=pipe.device)
+    names = selected_linears(module, component, classes)
+    start = time.perf_counter()
+
+    def quantize_part(name, part):
+        own = [n[len(name) + 1:] for n in names if n.startswith(name + ".")] + [""] * (name in names)
+        if own:
+            quantize_module(part, scheme, own)
+        return_freed_memory()  # the part's float weights, before the next part is made
+
+    fill = (fill_from_checkpoint(module, component, pipe.folders[component], dtype, pipe.device)
+            if component in pipe.folders else RandomFill(dtype, pipe.seed, pipe.device))
+    materialize_in_parts(module, fill, quantize_part)
+    module.quantize_seconds = time.perf_counter() - start  # loading and quantising, together
 
 
 def to_meta_float(module: nn.Module, dtype: torch.dtype) -> None:
@@ -292,11 +337,13 @@ def int8_weight_only_bytes(module: nn.Module, dtype: torch.dtype) -> int:
     return module_bytes(module, dtype) - full + int8
 
 
-def apply_int8_weight_only(pipe: OpenSoraPipeline, component: str = "text_encoder") -> OpenSoraPipeline:
+def apply_int8_weight_only(pipe: OpenSoraPipeline, component: str = "text_encoder",
+                           streamed: bool = False) -> OpenSoraPipeline:
     """Linear weights of ``component`` as int8, one scale per output channel (torchao
     ``Int8WeightOnlyConfig``, ``utils.optim.quantize``'s ``w8_weight_only`` on every Linear layer); activations stay
     in the component's dtype. The int8 weights are made from the loaded ones, so loading still needs the
-    component in its dtype for a moment (load it in bf16 to halve that). On x86 this saves memory, not time."""
+    component in its dtype for a moment (load it in bf16 to halve that), unless ``streamed`` (one block at a
+    time: ``apply_quantize``). On x86 this saves memory, not time."""
     if component not in COMPONENTS:
         raise ValueError(f"unknown component {component!r}; accepted: {', '.join(COMPONENTS)}")
-    return apply_quantize(pipe, "w8_weight_only", component, classes=None)
+    return apply_quantize(pipe, "w8_weight_only", component, classes=None, streamed=streamed)

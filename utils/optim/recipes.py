@@ -1,0 +1,137 @@
+"""Named recipes: whole configurations of the pipeline, each a list of optimisation steps
+(``utils.optim.registry``) and the start-up settings its process needs, usable as
+
+    pipe = build_pipeline("fast", setting=setting)      # or apply_recipe(load_pipeline(..., load=()), "fast")
+    python -m utils.generate --recipe fast --prompt "..." --out video.mp4
+    make video RECIPE=fast PROMPT="..."
+
+- ``faithful``: upstream's numerics on the CPU, everything fp32, eager: the baseline every other recipe is
+  measured against.
+- ``upstream``: upstream's own precision choices (T5 fp32, transformer and VAE bf16), eager.
+- ``fast``: the ladder's top rung (``LADDER``): bf16 T5 and VAE, the transformer int8 (w8a8 dynamic) and
+  compiled, the exact rewrites, the measured best attention kernels, TeaCache at its published "fast" threshold.
+  Which rung the records support is notebook 08's measurement (issue 20); until it has run, ``fast`` is the top
+  rung and says so (``Recipe.source``).
+- ``small``: the least memory: the T5 and the transformer built block by block straight into int8
+  (``streamed``), so neither ever exists whole in bf16; the VAE in bf16, decoding one frame per call. The
+  transformer is compiled: eager int8 is slower than bf16 on x86 (notebook 06), and the whole-run peak is set
+  while the int8 T5 encodes, not while the transformer runs.
+- ``graviton``: the route the study recommends on Arm: bf16 with the Graviton guide's start-up settings, the
+  transformer's int8 path that ``make arm-check`` verifies (torchao w8a8 dynamic), the exact rewrites, TeaCache;
+  no ``torch.compile`` (not checkable under emulation: a user's Graviton run measures it, see the runbook).
+
+Every recipe frees the T5 after encoding (memory only: encoding comes first and once).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from utils.model.pipeline import OpenSoraPipeline, VideoSetting, load_pipeline
+from utils.optim import registry
+from utils.optim.caching import TEACACHE_THRESHOLDS
+from utils.optim.preflight import preflight
+from utils.optim.rewrites import REWRITES
+
+# the Graviton guide's start-up settings (AWS Graviton getting-started guide, machinelearning/pytorch.md):
+# oneDNN's bf16 fast math for fp32 layers, oneDNN's primitive cache, transparent huge pages for the c10
+# allocator, OpenMP threads unbound and placed on cores
+GUIDE_ENV = {"DNNL_DEFAULT_FPMATH_MODE": "BF16", "LRU_CACHE_CAPACITY": "1024", "THP_MEM_ALLOC_ENABLE": "1",
+             "OMP_PROC_BIND": "false", "OMP_PLACES": "cores"}
+
+EXACT_REWRITES = {name: options for name, options in REWRITES.items() if name != "attention"}
+# the ladder from faithful to fast, one rung a step further: (rung, the steps it adds)
+LADDER = (
+    ("faithful", {}),
+    ("upstream", {"bf16": {"components": ["transformer", "vae"]}}),
+    ("bf16 T5", {"bf16": {}}),
+    ("rewrites + best attention", REWRITES),  # notebook 05's, exact within rounding
+    ("int8 + compile", {"quantize": {"scheme": "w8a8_dynamic"}, "compile": {}}),
+    ("fast", {"teacache": {"threshold": TEACACHE_THRESHOLDS["fast"]}}),  # the top rung adds TeaCache
+)
+
+
+def ladder_steps(rung: str) -> dict[str, dict]:
+    """The registry steps of the ladder up to and including ``rung`` (a later rung's step of the same name,
+    e.g. ``bf16`` for every component after upstream's two, replaces the earlier one)."""
+    names = [name for name, _ in LADDER]
+    if rung not in names:
+        raise ValueError(f"unknown rung {rung!r}; accepted: {', '.join(names)}")
+    steps: dict[str, dict] = {}
+    for name, added in LADDER[:names.index(rung) + 1]:
+        steps.update(added)
+    return steps
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    summary: str
+    steps: dict[str, dict]  # utils.optim.registry steps, applied to a pipeline built fp32 with nothing loaded
+    env: dict[str, str] = field(default_factory=dict)  # start-up settings: set before the process starts
+    source: str = ""  # where the choice comes from
+
+    def describe(self) -> str:
+        return registry.describe(self.steps) or "fp32, eager (no step)"
+
+
+RECIPES = {
+    "faithful": Recipe("faithful", "upstream's numerics on the CPU: everything fp32, eager", ladder_steps("faithful"),
+                       source="the baseline"),
+    "upstream": Recipe("upstream", "upstream's precision: T5 fp32, transformer and VAE bf16, eager",
+                       ladder_steps("upstream"), source="upstream's inference script"),
+    "fast": Recipe("fast", "bf16, int8 transformer compiled, exact rewrites, best attention, TeaCache",
+                   ladder_steps("fast"),
+                   source="the ladder's top rung; notebook 08's records say whether it is the fastest rung that keeps "
+                          "adherence (the report's summary)"),
+    "small": Recipe("small", "least memory: T5 and transformer built block by block into int8 (the transformer "
+                    "compiled), VAE bf16 one frame per call",
+                    {"bf16": {}, "int8_weight_only": {"component": "text_encoder", "streamed": True},
+                     "quantize": {"scheme": "w8a8_dynamic", "streamed": True}, "vae_chunking": {"micro_batch_size": 1},
+                     "compile": {}},
+                    source="memory: no component whole in bf16 while it loads"),
+    "graviton": Recipe("graviton", "bf16 with the Graviton guide's start-up settings, int8 transformer, exact "
+                       "rewrites, TeaCache; no compile", {"bf16": {}, "quantize": {"scheme": "w8a8_dynamic"},
+                                                          **EXACT_REWRITES,
+                                                          "teacache": {"threshold": TEACACHE_THRESHOLDS["fast"]}},
+                       env=GUIDE_ENV, source="the study's Arm recommendation; checked by make arm-check under "
+                                             "emulation, speed for a Graviton run to measure"),
+}
+
+
+def recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; accepted: {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+def missing_env(name: str, environ=os.environ) -> dict[str, str]:
+    """The recipe's start-up settings this process was not started with (empty: nothing to restart for)."""
+    return {k: v for k, v in recipe(name).env.items() if environ.get(k) != v}
+
+
+def apply_recipe(pipe: OpenSoraPipeline, name: str) -> OpenSoraPipeline:
+    """Apply recipe ``name``'s steps to ``pipe``, built fp32 with no component loaded (``load=()``: the steps
+    choose the dtypes and formats components are made in, and ``streamed`` ones must see them unloaded).
+    Start-up settings cannot be applied to a running process: a recipe with some that this process lacks
+    raises, naming them (``python -m utils.generate --recipe`` restarts itself with them)."""
+    chosen = recipe(name)
+    if any(pipe.is_loaded(c) for c in ("text_encoder", "transformer", "vae")) or pipe.optimizations:
+        raise ValueError(f"recipe {name}: build the pipeline fp32 with load=() and no step applied "
+                         "(build_pipeline does)")
+    lacking = missing_env(name)
+    if lacking:
+        raise RuntimeError(f"recipe {name} needs start-up settings this process was started without: "
+                           + " ".join(f"{k}={v}" for k, v in lacking.items())
+                           + " (set them before starting Python, or use python -m utils.generate --recipe)")
+    return registry.apply(pipe, chosen.steps)
+
+
+def build_pipeline(name: str, preset: str = "opensora-v1.2", weights: str = "random",
+                   setting: VideoSetting | None = None, **options) -> OpenSoraPipeline:
+    """``load_pipeline`` (fp32, nothing loaded) with recipe ``name`` applied; with ``setting``, the memory
+    preflight of the pipeline as the recipe makes it (``utils.optim.preflight``) before anything loads."""
+    pipe = apply_recipe(load_pipeline(preset, weights=weights, dtype="fp32", load=(), **options), name)
+    if setting is not None:
+        preflight(pipe, setting, free_text_encoder=True)
+    return pipe
