@@ -61,6 +61,17 @@ def select(df: pd.DataFrame, **criteria) -> pd.DataFrame:
     return df[mask]
 
 
+def notebook_environment(records: pd.DataFrame, notebook: str, primary: str | None) -> tuple[pd.DataFrame, str | None]:
+    """``notebook``'s records of one environment: ``primary`` if it ran the notebook, else the newest environment
+    that did (a section drawn from it names its CPU); (empty, None) if none did."""
+    rows = select(records, notebook=notebook)
+    if rows.empty:
+        return rows, None
+    ids = list(dict.fromkeys(rows["environment_id"].dropna()[::-1]))
+    chosen = primary if primary in ids else ids[0]
+    return rows[rows["environment_id"] == chosen], chosen
+
+
 def same(series: pd.Series, value) -> pd.Series:
     return series.isna() if pd.isna(value) else series.astype(object) == value
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from utils.measure.compare import Spread, verdict
-from utils.measure.records import select
+from utils.measure.records import notebook_environment, select
 from utils.optim.caching import TEACACHE_OPENSORA
 from utils.report.figures import FigureSpec, ReportInputs, context_label, new_figure, save_figure
 
@@ -20,12 +20,9 @@ BASELINE = "none"  # the method of the uncached run
 def notebook_rows(records: pd.DataFrame, primary: str | None) -> tuple[pd.DataFrame, str | None]:
     """Notebook 07's records of one environment: the primary one if it ran the notebook, else the newest
     that did (the section names its CPU); within it, the newest run of each experiment part."""
-    rows = select(records, notebook=NOTEBOOK)
-    if rows.empty:
+    rows, chosen = notebook_environment(records, NOTEBOOK, primary)
+    if chosen is None:
         return rows, None
-    ids = list(dict.fromkeys(rows["environment_id"].dropna()[::-1]))
-    chosen = primary if primary in ids else ids[0]
-    rows = rows[rows["environment_id"] == chosen]
     parts = []
     for _, part in rows.groupby(rows["stage"].isin(["denoise"]) & (rows["config.model"] != "mini"), sort=False):
         parts.append(part[part["run_id"] == part["run_id"].iloc[-1]])
