@@ -31,7 +31,8 @@ ARM_PROFILES ?= g2 g3 g4
 LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 ARM_STORE    ?=
 
-.PHONY: env test smoke report render video mini-model lab lab-env lab-check tensorboard arm-check clean-env
+.PHONY: env test smoke report render report-check video mini-model lab lab-env lab-check tensorboard arm-check \
+    clean-env
 .NOTPARALLEL:
 # a notebook that fails leaves no executed copy behind, so the next `make report` runs it again
 .DELETE_ON_ERROR:
@@ -89,6 +90,14 @@ mini-model: env
 # The report from stored records alone (any machine, nothing measured).
 render: env
 	$(BIN)/python -m utils.report
+
+# The HTML report as a person sees it: its first screen rendered in Chromium (Debian's package, installed here when
+# missing, which needs root), every figure loaded, no table wider than the page (tools/report_check.py)
+report-check: env
+	@command -v chromium >/dev/null || { echo "report-check: installing Debian's chromium package"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(PIP_EXTRA) -r requirements-report.txt
+	$(BIN)/python tools/report_check.py report/report.html --out build/report-check
 
 # One video with a named recipe (utils.optim.recipes: faithful, upstream, fast, small, graviton), e.g.
 #   make video RECIPE=small PROMPT="a red panda eating bamboo" ARGS="--num-frames 4s"

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from utils.fingerprint import fingerprint
 from utils.io import GIB, atomic_path
 from utils.model import aspect
 from utils.model.dtypes import DTYPES
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         process_max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
         optimizations=registry.describe(pipe), cache=caching,
         torch=torch.__version__, machine=platform.machine(), processor=platform.processor(),
+        environment_id=fingerprint()["environment_id"],
     )
     outputs = (args.out, args.out.with_suffix(".npz"), args.out.with_suffix(".json"))
     with ExitStack() as stack:  # all three files appear together or not at all
