@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from utils.measure.compare import run_interleaved
+from utils.experiments.e05_attention import synthetic_caption
+from utils.measure.compare import Spread, run_interleaved, verdict
 from utils.measure.fidelity import fidelity
 from utils.measure.results import Record, ResultsStore, make_config
 from utils.measure.runner import run_in_fresh_process
@@ -115,6 +116,24 @@ def task_complete(spec: dict) -> dict:
     return out
 
 
+def task_denoise_only(spec: dict) -> dict:
+    """The denoising loop alone with ``spec["optimizations"]``: only the transformer built, a random caption
+    embedding with the prompt's real mask (T5 never built), ``spec["steps"]`` steps each timed."""
+    torch.set_num_threads(spec["threads"])
+    setting = VideoSetting.create(spec["resolution"], spec["aspect_ratio"], spec["num_frames"], spec["steps"],
+                                  spec.get("cfg_scale", 7.0), spec.get("seed", 42))
+    pipe = registry.apply(load_pipeline(spec["model"], dtype="fp32", load=()), spec["optimizations"])
+    pipe.load("transformer")
+    y, mask = synthetic_caption(pipe, spec["prompt"])
+    marks = []
+    start = time.perf_counter()
+    pipe.denoise(pipe.prepare_latents(1, setting), y, mask, setting, progress=False,
+                 on_step=lambda i: marks.append(time.perf_counter()))
+    later = list(np.diff(marks))
+    return dict(first_step_seconds=marks[0] - start, later_step_seconds=later,
+                process_max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
 def task_mini(spec: dict) -> dict:
     """The trained mini model with ``spec["optimizations"]``: every caption of the splits once per seed, one
     video per call; per-clip adherence rows; the clips saved to ``spec["outputs"]`` for fidelity."""
@@ -137,7 +156,7 @@ def task_mini(spec: dict) -> dict:
     return dict(rows=rows, optimizations=registry.describe(pipe))
 
 
-TASKS = {"complete": task_complete, "mini": task_mini}
+TASKS = {"complete": task_complete, "denoise_only": task_denoise_only, "mini": task_mini}
 
 
 # ---- the parent side -----------------------------------------------------------------------------------
@@ -286,6 +305,37 @@ def complete_runs(store: ResultsStore, configs: list[Configuration], setting: Vi
                                       "noise and prompt"))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def context_check(store: ResultsStore, configuration: Configuration, setting: VideoSetting, model: str, prompt: str,
+                  processes: int, threads: int, steps: int, config: dict, runner=run_in_fresh_process) -> pd.DataFrame:
+    """Does a complete run slow the denoising loop? ``configuration``'s steady step (the median of steps 2..) in a
+    whole generation (T5 built, encoding and freed first) against a process that only denoises (the transformer
+    alone, a random caption embedding), fresh processes in interleaved order; stored, with the protocol's verdict."""
+    spec = _spec(setting, model, prompt, threads, steps)
+    options = with_replay(configuration, None)
+    if "teacache" in options:  # every step runs the blocks, so the two loops do the same work
+        del options["teacache"]
+    runs = {"complete run": (TASK.format("complete"), configuration.env, dict(spec, optimizations=options)),
+            "denoise only": (TASK.format("denoise_only"), configuration.env, dict(spec, optimizations=options))}
+    results = run_interleaved(runs, processes, runner=runner, desc="context")
+    rows, spreads = [], {}
+    for context, runs_of in results.items():
+        described = dict(optimizations=registry.describe(options), dtypes=None)
+        cfg = _config(config, configuration, described, setting, model, prompt, threads, part="context",
+                      context=context, protocol_steps=steps, processes=len(runs_of))
+        steady = [float(np.median(r["later_step_seconds"])) for r in runs_of]
+        spreads[context] = Spread.of(steady)
+        _add(store, f"{configuration.name} ({context})", "denoise", "step_seconds", "s", steady, cfg,
+             f"the median of steps 2..{steps} in each of {len(runs_of)} fresh processes, interleaved with the other "
+             "context; spread: every process's value (per_run)")
+        rows.append(dict(context=context, **{"step s": spreads[context].median, "min s": min(steady),
+                                             "max s": max(steady)}))
+    judged = verdict(spreads["denoise only"], spreads["complete run"])
+    table = pd.DataFrame(rows)
+    table["complete / denoise only"] = judged["ratio"]
+    table["verdict"] = judged["verdict"]
+    return table
 
 
 def mini_quality(store: ResultsStore, configs: list[Configuration], splits, seeds, steps: int, threads: int,

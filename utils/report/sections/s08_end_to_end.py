@@ -117,6 +117,25 @@ def complete_table(rows: pd.DataFrame) -> pd.DataFrame | None:
     return pd.DataFrame(out) if out else None
 
 
+def context_table(rows: pd.DataFrame) -> pd.DataFrame | None:
+    """fast's steady step in a complete run against the loop alone (measured), with the protocol's verdict."""
+    context = _part(rows, "context")
+    if context.empty:
+        return None
+    spreads, out = {}, []
+    for _, row in context.iterrows():
+        spreads[row["config.context"]] = Spread.of(row["spread.per_run"])
+        out.append({"configuration": row["config.configuration"], "context": row["config.context"],
+                    "s per step (measured, median of processes)": row["value"], "min s": row["spread.min"],
+                    "max s": row["spread.max"], "processes": str(int(row["spread.n"]))})
+    if {"complete run", "denoise only"} <= set(spreads):
+        judged = verdict(spreads["denoise only"], spreads["complete run"])
+        for entry in out:
+            entry["complete run / loop alone (derived)"] = judged["ratio"]
+            entry["verdict"] = judged["verdict"]
+    return pd.DataFrame(out)
+
+
 def mini_table(rows: pd.DataFrame) -> pd.DataFrame | None:
     """One row per configuration: the mini model's all-correct adherence per split, the paired difference to
     faithful with its margin, the verdict, and the PSNR of its clips against faithful's."""
@@ -212,7 +231,8 @@ def supported_fast(ladder: pd.DataFrame | None, mini: pd.DataFrame | None) -> di
     if rungs.empty:
         return None
     best = rungs.sort_values("s per video (derived)").iloc[0]
-    return dict(rung=best["configuration"], seconds=best["s per video (derived)"], is_fast=best["configuration"] == "fast")
+    return dict(rung=best["configuration"], seconds=best["s per video (derived)"],
+                is_fast=best["configuration"] == "fast")
 
 
 def recommendation(table: pd.DataFrame | None) -> dict | None:
@@ -318,7 +338,8 @@ def section(inputs: ReportInputs) -> dict:
     protocol = _part(rows, "protocol")
     return dict(recipes=recipes_table(), headline=dict(
         environment=environment.get("cpu_model") or chosen, primary=chosen == inputs.primary,
-        setting=setting(rows), ladder=ladder, complete=complete_table(rows), mini=mini, summary=table,
+        setting=setting(rows), ladder=ladder, complete=complete_table(rows), context=context_table(rows), mini=mini,
+        summary=table,
         recommendation=recommendation(table), supported=supported_fast(ladder, mini),
         targets=pd.DataFrame(targets(ladder, mini) or [], columns=["target", "value", "goal", "met"]),
         processes=int(protocol["config.processes"].max()) if len(protocol) else None,
