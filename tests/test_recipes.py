@@ -1,5 +1,6 @@
 """Named recipes (utils.optim.recipes) and the block-by-block (streamed) loading the ``small`` recipe rests on."""
 import json
+import os
 import subprocess
 import sys
 
@@ -132,7 +133,7 @@ def test_a_recipe_needs_its_start_up_settings_and_an_unloaded_pipeline(monkeypat
 
 def test_the_command_line_restarts_with_the_recipe_s_start_up_settings(tmp_path):
     out = tmp_path / "clip.mp4"
-    env = {k: v for k, v in __import__("os").environ.items() if k not in recipes.GUIDE_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in recipes.GUIDE_ENV}
     result = subprocess.run([sys.executable, "-m", "utils.generate", "--recipe", "graviton", "--model", "tiny",
                              "--prompt", "a red circle", "--num-frames", "17", "--steps", "2", "--out", str(out)],
                             cwd=REPO, capture_output=True, text=True, timeout=300, env=env)

@@ -88,12 +88,16 @@ def with_replay(configuration: Configuration, computed: list[int] | None) -> dic
 
 # ---- the child side ------------------------------------------------------------------------------------
 
+def _setting_of(spec: dict) -> VideoSetting:
+    return VideoSetting.create(spec["resolution"], spec["aspect_ratio"], spec["num_frames"], spec["steps"],
+                               spec.get("cfg_scale", 7.0), spec.get("seed", 42))
+
+
 def task_complete(spec: dict) -> dict:
     """One complete generation with ``spec["optimizations"]`` (registry steps): stage and load seconds, each
     step's seconds, peak resident memory of each stage and of the whole run; outputs saved to ``spec["outputs"]``."""
     torch.set_num_threads(spec["threads"])
-    setting = VideoSetting.create(spec["resolution"], spec["aspect_ratio"], spec["num_frames"], spec["steps"],
-                                  spec.get("cfg_scale", 7.0), spec.get("seed", 42))
+    setting = _setting_of(spec)
     with PeakRSS() as whole:
         start = time.perf_counter()
         pipe = registry.apply(load_pipeline(spec["model"], dtype="fp32", load=()), spec["optimizations"])
@@ -120,8 +124,7 @@ def task_denoise_only(spec: dict) -> dict:
     """The denoising loop alone with ``spec["optimizations"]``: only the transformer built, a random caption
     embedding with the prompt's real mask (T5 never built), ``spec["steps"]`` steps each timed."""
     torch.set_num_threads(spec["threads"])
-    setting = VideoSetting.create(spec["resolution"], spec["aspect_ratio"], spec["num_frames"], spec["steps"],
-                                  spec.get("cfg_scale", 7.0), spec.get("seed", 42))
+    setting = _setting_of(spec)
     pipe = registry.apply(load_pipeline(spec["model"], dtype="fp32", load=()), spec["optimizations"])
     pipe.load("transformer")
     y, mask = synthetic_caption(pipe, spec["prompt"])
