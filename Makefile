@@ -12,6 +12,8 @@ PIP_EXTRA ?=
 PROFILE   ?= default
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 EXECUTED  := $(patsubst notebooks/%,build/$(PROFILE)/%,$(NOTEBOOKS))
+# each executed notebook exported to HTML beside the report, outputs included (the sections link to them)
+RUNS_HTML := $(patsubst notebooks/%.ipynb,report/notebooks/%.html,$(NOTEBOOKS))
 # what every notebook's run depends on besides its code: the parameter profiles; the quality notebooks also
 # read the trained mini model
 PROFILES  := notebooks/profiles.json
@@ -31,7 +33,7 @@ ARM_PROFILES ?= g2 g3 g4
 LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 ARM_STORE    ?=
 
-.PHONY: env test smoke report render report-check video mini-model lab lab-env lab-check tensorboard arm-check \
+.PHONY: env test smoke report render report-check report-pdf video mini-model lab lab-env lab-check tensorboard arm-check \
     clean-env
 .NOTPARALLEL:
 # a notebook that fails leaves no executed copy behind, so the next `make report` runs it again
@@ -80,7 +82,11 @@ build/$(PROFILE)/03_quality_baseline.ipynb build/$(PROFILE)/04_precision_threads
 build/$(PROFILE)/9%.ipynb: notebooks/9%.ipynb $(READING) | env
 	$(BIN)/python -m utils.notebooks $< $@ --profile $(PROFILE)
 
-report: env $(EXECUTED) render
+report: env $(EXECUTED) $(RUNS_HTML) render
+
+# an executed notebook as HTML, its progress bars coalesced into their final lines
+report/notebooks/%.html: build/$(PROFILE)/%.ipynb | env
+	$(BIN)/jupyter nbconvert --to html --coalesce-streams --output-dir report/notebooks $<
 
 # Train the quality testbed's mini model into data/mini-model (under an hour on 2 cores; the time of the
 # run that made the committed weights is in the report). Neither `make report` nor `make test` runs this.
@@ -98,6 +104,19 @@ report-check: env
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(PIP_EXTRA) -r requirements-report.txt
 	$(BIN)/python tools/report_check.py report/report.html --out build/report-check
+
+# The report as a PDF through LaTeX: pandoc with XeLaTeX (Debian's packages, installed here when missing, which needs
+# root), landscape A4 for the wide tables; its pages rendered to images and checked (tools/pdf_check.py)
+PDF_TOOLS := pandoc xelatex pdftoppm
+report-pdf: env
+	@for tool in $(PDF_TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then echo "report-pdf: installing Debian's pandoc, texlive-xetex and poppler-utils"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pandoc \
+	        texlive-xetex texlive-latex-recommended texlive-fonts-recommended lmodern fonts-dejavu-core poppler-utils; fi
+	cd report && pandoc report.md --from gfm --pdf-engine=xelatex --resource-path=. -o report.pdf \
+	    -V geometry:a4paper,landscape,margin=1.2cm -V mainfont="DejaVu Serif" -V monofont="DejaVu Sans Mono" \
+	    -V fontsize=10pt -V colorlinks=true -H ../tools/pdf-header.tex
+	$(BIN)/python tools/pdf_check.py report/report.pdf --markdown report/report.md --out build/report-pdf
 
 # One video with a named recipe (utils.optim.recipes: faithful, upstream, fast, small, graviton), e.g.
 #   make video RECIPE=small PROMPT="a red panda eating bamboo" ARGS="--num-frames 4s"

@@ -104,7 +104,7 @@ def test_the_preflight_counts_one_block_of_a_streamed_component_while_it_loads()
 def test_the_ladder_builds_up_to_fast():
     assert recipes.ladder_steps("faithful") == {}
     assert recipes.ladder_steps("upstream") == recipes.RECIPES["upstream"].steps
-    assert recipes.ladder_steps("fast") == recipes.RECIPES["fast"].steps
+    assert recipes.ladder_steps("fast") == recipes.RECIPES["fast"].steps  # the rung proposed as fast
     # the exact rewrites come after fast (they slowed the compiled int8 loop): the last rung adds them
     assert set(recipes.ladder_steps(recipes.LADDER[-1][0])) - set(recipes.RECIPES["fast"].steps) == set(
         recipes.EXACT_REWRITES)
@@ -113,11 +113,38 @@ def test_the_ladder_builds_up_to_fast():
         recipes.ladder_steps("turbo")
 
 
+def test_fast_is_the_fastest_rung_that_keeps_adherence():
+    seconds = {"faithful": 900.0, "upstream": 600.0, "best attention": 300.0, "fast": 200.0, "small": 100.0}
+    # small is no rung; fast loses adherence here, so best attention is the fastest kept
+    assert recipes.fastest_kept(seconds, {"faithful", "upstream", "best attention", "small"}) == "best attention"
+    assert recipes.fastest_kept(seconds, set(seconds)) == "fast"
+    assert recipes.fastest_kept(dict(seconds, fast=float("nan")), set(seconds)) == "best attention"
+    assert recipes.fastest_kept(seconds, {"small"}) is None
+    assert recipes.keeps_adherence(-0.05, 0.06) and not recipes.keeps_adherence(-0.07, 0.06)
+
+
+def test_the_fast_recipe_applies_the_rung_chosen_for_the_environment_else_the_architecture(tmp_path):
+    table = tmp_path / "choice.json"
+    x86 = dict(environment_id="x86_64-a", arch="x86_64")
+    proposed = recipes.fast_recipe("x86_64-a", "x86_64", table)
+    assert proposed.steps == recipes.ladder_steps("fast") and proposed.source == recipes.PROPOSED
+    entry = recipes.store_choice(dict(rung="best attention", seconds_per_video=300.0), x86, table)
+    assert entry["environment_id"] == "x86_64-a" and entry["written"]
+    for environment in ("x86_64-a", "x86_64-b"):  # its own entry; another x86 machine takes the newest x86 entry
+        chosen = recipes.fast_recipe(environment, "x86_64", table)
+        assert chosen.steps == recipes.ladder_steps("best attention") and "best attention" in chosen.source
+    assert recipes.fast_recipe("aarch64-c", "aarch64", table).steps == recipes.ladder_steps("fast")
+    recipes.store_choice(dict(rung="fast"), x86, table)  # replaces the environment's entry
+    assert [e["rung"] for e in json.loads(table.read_text())["entries"]] == ["fast"]
+    with pytest.raises(ValueError, match="'small' is not a rung of the ladder; rungs: faithful"):
+        recipes.store_choice(dict(rung="small"), x86, table)
+
+
 @pytest.mark.parametrize("name", ["faithful", "upstream", "small"])
 def test_a_recipe_runs_the_tiny_pipeline(name):
     pipe = recipes.build_pipeline(name, "tiny", setting=SETTING)
     result = pipe(["a red circle moving left"], SETTING, progress=False, free_text_encoder=True)
-    assert torch.isfinite(result.video).all() and pipe.optimizations == recipes.RECIPES[name].steps
+    assert torch.isfinite(result.video).all() and pipe.optimizations == recipes.recipe(name).steps
 
 
 def test_a_recipe_needs_its_start_up_settings_and_an_unloaded_pipeline(monkeypatch):

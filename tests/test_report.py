@@ -114,8 +114,9 @@ def test_report_files_tables_and_figures(rendered):
     assert len(images) == 7  # the six single-machine figures and the cross-platform one
     for image in images:
         assert (md_path.parent / image).resolve().is_file(), image
-    fed = ("Hardware", "Ceilings", "Baseline: faithful fp32 eager", "Where the time goes", "Ranked bottlenecks",
-           "CPU against GPU, and Graviton projections")  # the sections this store has records for
+    # the sections this store has records for
+    fed = ("Appendix B: hardware of every environment", "Ceilings", "Baseline: faithful fp32 eager",
+           "Where the time goes", "Ranked bottlenecks", "CPU against GPU, and Graviton projections")
     for title in fed:
         assert "not measured yet" not in section(markdown, title).lower(), title
 
@@ -210,9 +211,80 @@ def test_arm_section_from_emulated_records(tmp_path, monkeypatch):
     monkeypatch.delenv("ARM_QEMU_CPU")
     fingerprint.cache_clear()
     markdown = render(tmp_path, tmp_path / "results")[0].read_text()
-    arm = section(markdown, "aarch64 functional check (emulated)")
+    # the machines in the section, every result in appendix C
+    arm = section(markdown, "aarch64 functional check (emulated)") + section(
+        markdown, "Appendix C: aarch64 functional check, every result")
     assert table_row(arm, "sdpa") == ["sdpa", "pass", "pass"]
     assert table_row(arm, "fp32_fastmath") == ["fp32_fastmath", "pass", "**FAIL**"]
     machine = table_row(arm, "g3")  # the first table: one row per emulated CPU
     assert machine[1] == "max,sve256=on,sme=off" and machine[4] == "emulated" and machine[-1] == "1/2"
     assert "fp32 3.3e-07 on g2" in arm and "not measured yet" not in arm.lower()
+
+
+def test_the_summary_s_fast_row_is_the_rung_the_records_support():
+    import pandas as pd
+
+    from utils.report.sections import s08_end_to_end as s08
+    names = ["faithful", "upstream", "best attention", "fast", "small"]
+    ladder = pd.DataFrame({"configuration": names, "s per video (derived)": [900.0, 600.0, 300.0, 200.0, 500.0],
+                           "speed-up over faithful (derived)": [None, 1.5, 3.0, 4.5, 1.8],
+                           "speed-up over upstream (derived)": [None, None, 2.0, 3.0, 1.2],
+                           "verdict against faithful": ["baseline", "faster", "faster", "faster", "faster"],
+                           "verdict against upstream": [None, "baseline", "faster", "faster", "faster"],
+                           "peak GiB (measured)": [19.0, 18.0, 9.0, 9.0, 5.0],
+                           "PSNR dB vs faithful (derived)": [None, 40.0, 35.0, 31.0, 34.0]})
+    mini = pd.DataFrame({"configuration": names, "difference (paired)": [0.0, 0.0, -0.01, -0.2, 0.0],
+                         "margin (two SE)": [0.0, 0.05, 0.05, 0.05, 0.05],
+                         "verdict": ["baseline", "within the margin", "within the margin", "loses adherence",
+                                     "within the margin"]})
+    supported = s08.supported_fast(ladder, mini)
+    assert supported["rung"] == "best attention" and not supported["is_fast"]
+    assert supported["rungs_kept"] == ["faithful", "upstream", "best attention"]
+    table = s08.summary(ladder, mini).set_index("recipe")
+    assert table.loc["fast (rung best attention)", "s per video"] == 300.0
+    assert table.loc["fast (rung best attention)", "command"] == "python -m utils.generate --recipe fast"
+    targets = {t["target"]: t for t in s08.targets(ladder, mini)}
+    assert targets["fast over faithful, end to end (x)"]["value"] == 3.0
+    mini.loc[mini["configuration"] == "fast", "verdict"] = "within the margin"
+    assert s08.supported_fast(ladder, mini)["rung"] == "fast"
+
+
+def test_the_readme_headline_is_rewritten_between_its_markers(tmp_path):
+    start, end = renderer.README_MARKERS
+    assert renderer.README.read_text().count(start) == 1  # `make render` rewrites the committed README's block
+    text = f"intro\n{start}\nold table\n{end}\nrest\n"
+    assert renderer.replace_block(text, "new table\n") == f"intro\n{start}\nnew table\n{end}\nrest\n"
+    with pytest.raises(ValueError, match="each headline marker once, in order"):
+        renderer.replace_block(f"{end}\n{start}\n", "x")
+    readme = tmp_path / "README.md"
+    readme.write_text(text)
+    build_store(tmp_path / "results")  # no notebook 08 records: the block says so
+    renderer.render(results_root=tmp_path / "results", figures_dir=tmp_path / "figures", out_dir=tmp_path / "report",
+                    readme=readme)
+    block = readme.read_text().split(start)[1].split(end)[0]
+    assert "has no records yet" in block and "old table" not in block
+    assert readme.read_text().startswith("intro\n") and readme.read_text().endswith(f"{end}\nrest\n")
+
+
+def test_recipe_costs_price_the_smallest_instance_that_fits_and_the_largest():
+    import pandas as pd
+
+    from utils.report.sections import s90_cross_platform as xp
+    table = pd.DataFrame({"recipe": ["faithful", "fast"], "peak GiB": [19.0, 9.0],
+                          "speed-up over faithful": [None, 8.0]})
+    projection = pd.DataFrame({"instance": ["c7g.16xlarge"] * 2 + ["c8g.16xlarge"], "projected_seconds": [60.0, 40.0,
+                                                                                                           1.0]})
+    prices = pd.DataFrame({"platform": ["m7g.large"], "instance": ["m7g.large"], "usd_per_hour": [0.08]})
+    h100 = pd.DataFrame({"variant": ["upstream"], "instance": ["p5 (on-demand)"], "seconds": [3.0],
+                         "usd_per_hour": [12.0], "usd_per_video": [0.01]})
+    costs = xp.recipe_costs(table, projection, h100, prices).set_index(["recipe", "platform"])
+    # faithful: 100 s on a Graviton3 16xlarge; the smallest c7g holding 19 GiB is the 4xlarge (16 vCPUs): 4x longer
+    assert costs.loc[("faithful", "c7g.4xlarge"), "s per video"] == pytest.approx(400.0)
+    assert costs.loc[("faithful", "c7g.4xlarge"), "price"] == "no sourced price"
+    assert costs.loc[("faithful", "r7g.xlarge"), "s per video"] == pytest.approx(1600.0)
+    # fast: 8x faster; m7g priced from the large size, linear in vCPUs
+    row = costs.loc[("fast", "m7g.xlarge")]
+    assert row["s per video"] == pytest.approx(100 * 64 / 4 / 8) and row["usd per hour"] == pytest.approx(0.16)
+    assert row["usd per video"] == pytest.approx(200 * 0.16 / 3600) and row["kind"] == "projected"
+    assert costs.loc[("fast", "m7g.16xlarge"), "s per video"] == pytest.approx(12.5)
+    assert costs.loc[("upstream (GPU bench)", "H100, p5 (on-demand)"), "kind"] == "derived from measured"

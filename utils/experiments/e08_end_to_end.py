@@ -34,7 +34,7 @@ from utils.model.pipeline import STAGES, VideoSetting, load_pipeline
 from utils.model.weights import COMPONENTS, TRAINED_MINI, weights_id
 from utils.optim import registry
 from utils.optim.caching import cache_stats
-from utils.optim.recipes import LADDER, RECIPES, ladder_steps
+from utils.optim.recipes import LADDER, ladder_steps, recipe
 from utils.paths import PROMPTS
 from utils.testbed import minimodel
 from utils.testbed.adherence import adherence, paired_margin
@@ -58,8 +58,8 @@ def configurations(rungs=None, recipes=("small",)) -> list[Configuration]:
     """The ladder's rungs (all, or those named) in ladder order, then the recipes named that are not a rung."""
     names = [name for name, _ in LADDER]
     chosen = names if rungs is None else [n for n in names if n in rungs]
-    out = [Configuration(n, "rung", ladder_steps(n), RECIPES[n].env if n in RECIPES else {}) for n in chosen]
-    return out + [Configuration(r, "recipe", RECIPES[r].steps, RECIPES[r].env) for r in recipes if r not in chosen]
+    out = [Configuration(n, "rung", ladder_steps(n)) for n in chosen]  # a rung has no start-up setting
+    return out + [Configuration(r, "recipe", recipe(r).steps, recipe(r).env) for r in recipes if r not in chosen]
 
 
 def headline_prompt(index: int = 0) -> str:
@@ -265,6 +265,10 @@ def protocol_runs(store: ResultsStore, configs: list[Configuration], setting: Vi
         row["peak GiB"] = _add(store, c.name, "video", "peak_rss", "bytes", [r["process_max_rss_bytes"] for r in runs],
                                cfg, note + "; the process's high-water mark of resident memory (getrusage): the step "
                                            "count does not change it") / 2**30
+        for stage in ("encode_prompt", "denoise", "decode"):
+            row[f"{stage} peak GiB"] = _add(store, c.name, stage, "peak_rss", "bytes",
+                                            [r["peak_rss_bytes"][stage] for r in runs], cfg,
+                                            note + "; the stage's peak resident memory (sampled while it ran)") / 2**30
         rows.append(row)
     return pd.DataFrame(rows)
 

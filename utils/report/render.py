@@ -22,7 +22,7 @@ from utils.io import write_text_atomic
 from utils.measure.records import in_environment, prepare, select
 from utils.measure.results import RESULTS, load_environments, load_records
 from utils.model.weights import weights_id
-from utils.paths import FIGURES, REPORT
+from utils.paths import FIGURES, REPO, REPORT
 from utils.report.configured import NOTEBOOKS_DIR, configuration
 from utils.report.figures import ReportInputs, context_label
 from utils.report.formats import FILTERS, fmt, kinds_of, markdown_table, missing, text
@@ -43,6 +43,11 @@ from utils.report.sections.s03_quality_baseline import split_mini_records
 
 TEMPLATES = Path(__file__).parent / "templates"
 TEMPLATE = "report.md.j2"
+README = REPO / "README.md"
+README_TEMPLATE = "readme_headline.md.j2"
+# the README's block the renderer rewrites (the headline table), between these two lines
+README_MARKERS = ("<!-- headline: written by python -m utils.report from the records; edit the template -->",
+                  "<!-- headline: end -->")
 # every section of the report, in the notebooks' order
 SECTIONS = (s00_environment, s01_baseline, s02_stage_profile, s03_quality_baseline, s04_precision_threads_memory,
             s05_attention, s06_int8, s07_step_caching, s08_end_to_end, s90_cross_platform, arm_check)
@@ -128,11 +133,21 @@ def draw_figures(inputs: ReportInputs, figures_dir: Path, out_dir: Path) -> dict
     return figures
 
 
-def render(results_root=RESULTS, figures_dir=FIGURES, out_dir=REPORT,
-           environment_id: str | None = None, notebooks_dir=NOTEBOOKS_DIR) -> tuple[Path, Path]:
+def replace_block(text: str, block: str, markers=README_MARKERS) -> str:
+    """``text`` with the lines between the two ``markers`` replaced by ``block``; raises if they are missing."""
+    start, end = markers
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"the README must hold each headline marker once, in order: {start!r} ... {end!r}")
+    head, rest = text.split(start)
+    return f"{head}{start}\n{block.strip()}\n{end}{rest.split(end, 1)[1]}"
+
+
+def render(results_root=RESULTS, figures_dir=FIGURES, out_dir=REPORT, environment_id: str | None = None,
+           notebooks_dir=NOTEBOOKS_DIR, readme: Path | None = None) -> tuple[Path, Path]:
     """Redraw the figures into ``figures_dir`` and write ``out_dir/report.md`` and ``report.html`` from
     the records under ``results_root`` and, for the values no record stores, the notebooks' configured
-    parameters under ``notebooks_dir``; returns the two paths."""
+    parameters under ``notebooks_dir``; with ``readme``, rewrite its headline block from the same records.
+    Returns the two paths."""
     import jinja2  # only the renderer needs it; the section modules are imported by notebooks too
 
     results_root, figures_dir, out_dir = Path(results_root), Path(figures_dir), Path(out_dir)
@@ -154,6 +169,9 @@ def render(results_root=RESULTS, figures_dir=FIGURES, out_dir=REPORT,
         reproduce=_reproduce(df),
         profiles=sorted({text(p) for p in df.get("config.profile", pd.Series(dtype=object)).dropna()}),
         mini_weights=mini_weights, stale_mini=stale_mini,
+        # the executed notebooks exported beside the report (make report): notebook -> link
+        runs={p.stem: Path(os.path.relpath(p, out_dir)).as_posix()
+              for p in sorted((out_dir / "notebooks").glob("*.html"))},
     )
     for module in SECTIONS:
         context |= module.section(inputs)
@@ -164,6 +182,9 @@ def render(results_root=RESULTS, figures_dir=FIGURES, out_dir=REPORT,
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
     write_text_atomic(md_path, markdown)
     write_text_atomic(html_path, to_html(markdown, title))
+    if readme is not None:
+        block = template_env.get_template(README_TEMPLATE).render(**context)
+        write_text_atomic(readme, replace_block(Path(readme).read_text(), block))
     return md_path, html_path
 
 
@@ -175,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--environment", default=None, help="primary environment id (default: newest baseline)")
     args = parser.parse_args(argv)
     try:
-        md_path, html_path = render(args.results, args.figures, args.out, args.environment)
+        # the README's headline follows the committed report only
+        readme = README if Path(args.out).resolve() == REPORT.resolve() else None
+        md_path, html_path = render(args.results, args.figures, args.out, args.environment, readme=readme)
     except ValueError as err:
         parser.error(str(err))
     print(f"wrote {md_path} and {html_path}")

@@ -10,11 +10,13 @@ import numpy as np
 import pandas as pd
 
 from utils.measure.compare import Spread, verdict
+from utils.measure.instances import HEADROOM_RULE
 from utils.measure.records import notebook_environment
 from utils.model.pipeline import STAGES
 from utils.model.weights import COMPONENTS
-from utils.optim.recipes import LADDER, RECIPES
+from utils.optim.recipes import LADDER, RECIPES, fastest_kept, keeps_adherence, recipe
 from utils.report.figures import FigureSpec, ReportInputs, context_label, new_figure, save_figure
+from utils.report.sections import s90_cross_platform as xp
 
 NOTEBOOK = "08_end_to_end"
 BASELINE, UPSTREAM = "faithful", "upstream"
@@ -86,6 +88,10 @@ def ladder_table(rows: pd.DataFrame) -> pd.DataFrame | None:
                  "evaluated steps": str(int(video["config.evaluated_steps"])),
                  "decode s": _value(protocol, name, "decode", "seconds"),
                  "peak GiB (measured)": _value(protocol, name, "video", "peak_rss") / 2**30}
+        for stage in ("encode_prompt", "denoise", "decode"):  # each stage's peak, where the run stored it
+            peak = _value(protocol, name, stage, "peak_rss")
+            if peak is not None:
+                entry[f"{stage} peak GiB (measured)"] = peak / 2**30
         entry["denoise s (derived)"] = (entry["s per video (derived)"] - entry["loading s"] - entry["encode_prompt s"]
                                         - entry["decode s"])
         for baseline in (BASELINE, UPSTREAM):
@@ -153,26 +159,36 @@ def mini_table(rows: pd.DataFrame) -> pd.DataFrame | None:
         margin = float(row["spread.margin"])
         entry.update({"difference (paired)": row["value"], "margin (two SE)": margin,
                       "verdict": "baseline" if name == BASELINE else
-                      ("within the margin" if row["value"] >= -margin else "loses adherence")})
+                      ("within the margin" if keeps_adherence(row["value"], margin) else "loses adherence")})
         psnr = _get(mini, name, "adherence", "psnr")
         entry["PSNR dB vs faithful clips"] = None if psnr is None or name == BASELINE else psnr["value"]
         out.append(entry)
     return pd.DataFrame(out)
 
 
+def fast_rung(ladder: pd.DataFrame | None, mini: pd.DataFrame | None) -> str:
+    """The configuration whose records stand for the ``fast`` recipe: the rung the records support, else the rung
+    named fast."""
+    supported = supported_fast(ladder, mini)
+    return supported["rung"] if supported else "fast"
+
+
 def summary(ladder: pd.DataFrame | None, mini: pd.DataFrame | None) -> pd.DataFrame | None:
-    """The executive summary: one row per recipe measured (faithful, upstream, fast, small)."""
+    """The executive summary: one row per recipe measured (faithful, upstream, fast, small); ``fast`` is the rung
+    the records support (``supported_fast``)."""
     if ladder is None:
         return None
     by_name = ladder.set_index("configuration")
     quality = mini.set_index("configuration") if mini is not None else None
+    fast = fast_rung(ladder, mini)
     out = []
-    for recipe in RECIPE_NAMES:
-        name = recipe
+    for recipe_name in RECIPE_NAMES:
+        name = fast if recipe_name == "fast" else recipe_name
         if name not in by_name.index:
             continue
         row = by_name.loc[name]
-        entry = {"recipe": recipe, "command": f"python -m utils.generate --recipe {recipe}",
+        label = recipe_name if name == recipe_name else f"{recipe_name} (rung {name})"
+        entry = {"recipe": label, "command": f"python -m utils.generate --recipe {recipe_name}",
                  "s per video": row["s per video (derived)"],
                  "speed-up over faithful": row["speed-up over faithful (derived)"],
                  "speed-up over upstream": row["speed-up over upstream (derived)"],
@@ -189,7 +205,7 @@ def targets(ladder: pd.DataFrame | None, mini: pd.DataFrame | None) -> list[dict
     if ladder is None:
         return None
     by_name = ladder.set_index("configuration")
-    fast, out = "fast", []
+    fast, out = fast_rung(ladder, mini), []
 
     def add(what, value, target, met):
         out.append(dict(target=what, value=value, goal=target, met=None if value is None else "yes" if met else "no"))
@@ -213,26 +229,52 @@ def targets(ladder: pd.DataFrame | None, mini: pd.DataFrame | None) -> list[dict
     return out
 
 
-def recipes_table() -> pd.DataFrame:
-    """The named recipes as the code defines them (configured): what each is, its steps, its start-up settings."""
+def _costs(inputs: ReportInputs, ladder, mini, rows) -> pd.DataFrame | None:
+    """The cost table at the headline setting: the Graviton3 projection from the primary environment's records,
+    the H100 bench's rows at the same resolution and frame count."""
+    if inputs.primary is None:
+        return None
+    protocol = _part(rows, "protocol")
+    if protocol.empty:
+        return None
+    c = protocol.iloc[-1]
+    projection = xp.graviton_projection(inputs.records, inputs.primary)
+    if projection.empty or (projection["resolution"].iloc[0], int(projection["frames"].iloc[0])) != (
+            c["config.resolution"], int(c["config.frames"])):
+        return None  # the projection is of another setting
+    costs = xp.summary(inputs.records, inputs.environments, inputs.primary)["costs"]
+    h100 = costs[costs["platform"].str.contains("H100") & (costs["resolution"] == c["config.resolution"])
+                 & (costs["frames"] == int(c["config.frames"])) & (costs["steps"] == int(c["config.steps"]))]
+    return xp.recipe_costs(summary(ladder, mini), projection, h100, xp.prices(), BASELINE)
+
+
+def recipes_table(environment: dict | None = None) -> pd.DataFrame:
+    """The named recipes as the code defines them (configured), ``fast`` as chosen for ``environment`` (the
+    records' fingerprint; default: this machine): what each is, its steps, its start-up settings."""
+    where = {} if environment is None else dict(environment_id=environment["environment_id"], arch=environment["arch"])
     return pd.DataFrame([{"recipe": r.name, "command": f"python -m utils.generate --recipe {r.name}", "what": r.summary,
                           "steps (utils.optim.registry)": r.describe(),
                           "start-up settings": " ".join(f"{k}={v}" for k, v in r.env.items()) or "none",
-                          "chosen by": r.source} for r in RECIPES.values()])
+                          "chosen by": r.source} for r in (recipe(name, **where) for name in RECIPES)])
 
 
 def supported_fast(ladder: pd.DataFrame | None, mini: pd.DataFrame | None) -> dict | None:
-    """The rung the records support as ``fast``: the fewest seconds per video (derived) among the ladder's rungs
-    whose mini-model adherence stays within the margin of faithful; and whether it is the rung ``fast`` names."""
+    """The rung the records support as ``fast`` (``recipes.fastest_kept``: the fewest seconds per video, derived,
+    among the ladder's rungs whose mini-model adherence stays within the margin of faithful), the numbers it is
+    chosen on, and whether it is the rung named ``fast``; what notebook 08 stores for the ``fast`` recipe."""
     if ladder is None or mini is None:
         return None
     kept = set(mini.loc[mini["verdict"].isin(["baseline", "within the margin"]), "configuration"])
-    rungs = ladder[ladder["configuration"].isin([name for name, _ in LADDER]) & ladder["configuration"].isin(kept)]
-    if rungs.empty:
+    seconds = dict(zip(ladder["configuration"], ladder["s per video (derived)"]))
+    rung = fastest_kept(seconds, kept)
+    if rung is None or BASELINE not in seconds:
         return None
-    best = rungs.sort_values("s per video (derived)").iloc[0]
-    return dict(rung=best["configuration"], seconds=best["s per video (derived)"],
-                is_fast=best["configuration"] == "fast")
+    quality = mini.set_index("configuration").loc[rung]
+    return dict(rung=rung, seconds_per_video=float(seconds[rung]), faithful_seconds_per_video=float(seconds[BASELINE]),
+                adherence_difference=float(quality["difference (paired)"]), margin=float(quality["margin (two SE)"]),
+                rungs_kept=[n for n, _ in LADDER if n in kept and n in seconds], is_fast=rung == "fast",
+                source="notebook 08_end_to_end: seconds per video derived by the comparison protocol, adherence on "
+                       "the trained mini model")
 
 
 def recommendation(table: pd.DataFrame | None) -> dict | None:
@@ -282,6 +324,46 @@ def waterfall_figure(rows: pd.DataFrame, path, environment: dict | None = None) 
     return save_figure(figure, path)
 
 
+def process_values(rows: pd.DataFrame) -> pd.DataFrame:
+    """Every protocol process's own value of each configuration (long form): the derived seconds per video and
+    the measured seconds per step (the median of the process's later steps that ran the blocks)."""
+    protocol = _part(rows, "protocol")
+    out = []
+    for name in configurations(protocol):
+        for stage, metric, quantity in (("video", "seconds", "seconds per video (derived)"),
+                                        ("denoise", "step_seconds", "seconds per step (measured)")):
+            hit = _get(protocol, name, stage, metric)
+            if hit is not None:
+                out += [dict(configuration=name, quantity=quantity, process=i, seconds=float(v))
+                        for i, v in enumerate(Spread.of(hit["spread.per_run"]).values, 1)]
+    return pd.DataFrame(out)
+
+
+def spread_figure(rows: pd.DataFrame, path, environment: dict | None = None) -> Path | None:
+    """Each protocol process's value per configuration (seaborn strip plot), its median marked: how far apart
+    the fresh processes land, which is what a speed-up must clear to count."""
+    import seaborn as sns  # only the figure needs it
+
+    values = process_values(rows)
+    if values.empty:
+        return None
+    quantities = list(dict.fromkeys(values["quantity"]))
+    figure, axes = new_figure(8.0, 0.35 * values["configuration"].nunique() + 1.6, ncols=len(quantities))
+    order = list(dict.fromkeys(values["configuration"]))
+    for ax, quantity in zip(axes, quantities):
+        shown = values[values["quantity"] == quantity]
+        sns.stripplot(data=shown, x="seconds", y="configuration", order=order, ax=ax, jitter=0.15, size=5, alpha=0.8)
+        sns.pointplot(data=shown, x="seconds", y="configuration", order=order, ax=ax, estimator="median",
+                      errorbar=None, linestyle="none", marker="|", markersize=14, color="black")
+        ax.set_xscale("log")
+        ax.set_xlabel(quantity)
+        ax.set_ylabel("")
+    for ax in axes[1:]:
+        ax.set_yticklabels([])
+    figure.suptitle("Each fresh process's value (dots) and the median (bar), per configuration", fontsize=10)
+    return save_figure(figure, path)
+
+
 def tradeoff_figure(rows: pd.DataFrame, path, environment: dict | None = None) -> Path | None:
     """Seconds per video against fidelity to faithful (PSNR) and against peak memory, per configuration."""
     table = ladder_table(rows)
@@ -321,6 +403,9 @@ FIGURES = {
         "encode, denoise, decode: measured medians of the protocol's processes, the denoise derived for every step), "
         "the bar: the range of the processes' derived videos",
         _drawer(waterfall_figure), describe=_context),
+    "end_to_end_spread": FigureSpec(
+        "the protocol's fresh processes one by one: each process's seconds per video (derived) and seconds per step "
+        "(measured), per configuration, with their median", _drawer(spread_figure), describe=_context),
     "end_to_end_tradeoff": FigureSpec(
         "seconds per video (derived) against the decoded frames' PSNR to faithful's complete run (derived) and against "
         "the whole run's peak resident memory (measured), per configuration", _drawer(tradeoff_figure),
@@ -331,16 +416,17 @@ FIGURES = {
 def section(inputs: ReportInputs) -> dict:
     rows, chosen = notebook_rows(inputs.records, inputs.primary)
     if chosen is None:
-        return dict(headline=None, recipes=recipes_table())
+        return dict(headline=None, recipes=recipes_table(inputs.environments.get(inputs.primary)))
     ladder, mini = ladder_table(rows), mini_table(rows)
     table = summary(ladder, mini)
     environment = inputs.environments.get(chosen, {})
     protocol = _part(rows, "protocol")
-    return dict(recipes=recipes_table(), headline=dict(
+    return dict(recipes=recipes_table(environment or None), headline=dict(
         environment=environment.get("cpu_model") or chosen, primary=chosen == inputs.primary,
         setting=setting(rows), ladder=ladder, complete=complete_table(rows), context=context_table(rows), mini=mini,
         summary=table,
         recommendation=recommendation(table), supported=supported_fast(ladder, mini),
+        costs=_costs(inputs, ladder, mini, rows), cost_assumptions=xp.COST_ASSUMPTIONS, headroom=HEADROOM_RULE,
         targets=pd.DataFrame(targets(ladder, mini) or [], columns=["target", "value", "goal", "met"]),
         processes=int(protocol["config.processes"].max()) if len(protocol) else None,
         protocol_steps=int(protocol["config.protocol_steps"].max()) if len(protocol) else None))

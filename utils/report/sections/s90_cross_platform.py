@@ -7,8 +7,11 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from utils.io import GIB
+from utils.measure.instances import INSTANCE_VCPUS, smallest_instance
 from utils.measure.records import in_environment
 from utils.paths import DATA, UPSTREAM
 from utils.report.figures import FigureSpec, ReportInputs, new_figure, save_figure, short
@@ -182,6 +185,68 @@ def summary(records: pd.DataFrame, environments: dict[str, dict], environment_id
     return dict(totals=table, published=against_published(records, environments), projection=projection,
                 projected=projected, costs=costs, gemm_efficiency=gemm_efficiency,
                 notebooks=notebook_times(records, environment_id, projected) if environment_id else pd.DataFrame())
+
+
+# ---- cost per video of notebook 08's recipes --------------------------------------------------------
+
+COST_FAMILIES = ("c7g", "m7g", "r7g")  # Graviton3: the same chip, 2, 4 and 8 GiB per vCPU
+GRAVITON3 = "c7g.16xlarge"  # the projection's Graviton3 entry (GRAVITON): 64 cores, all three families
+LARGEST = "16xlarge"
+COST_ASSUMPTIONS = (
+    "faithful's seconds on a Graviton3 16xlarge are notebook 90's fp32 projection of notebook 01's baseline (counted "
+    "FLOPs over the share of the fp32 GEMM ceiling reached on the primary environment, times the instance's fp32 "
+    "peak and the assumed GEMM efficiency); a recipe divides them by its speed-up over faithful measured here, "
+    "assumed to carry over (bf16: Graviton3's BFMMLA gives 2-4x its fp32 peak, int8: SMMLA 4-8x, by the "
+    "Graviton notes' section 3.2, against AVX-512 BF16 and VNNI here; TeaCache's skipped steps carry over "
+    "exactly); smaller sizes scale with the vCPU count (perfect scaling); the smallest size is the first whose "
+    "usable memory holds the recipe's measured peak")
+
+
+def family_price(prices: pd.DataFrame, instance: str) -> tuple[float | None, str]:
+    """The hourly price of ``instance`` and where it comes from: its own row of the price table, else a priced
+    size of its family scaled by the vCPU count (EC2 prices scale linearly with size within a family), else
+    None."""
+    rows = prices[prices["instance"] == instance]
+    if len(rows):
+        return float(rows["usd_per_hour"].iloc[0]), "price table"
+    family, size = instance.split(".")
+    for _, row in prices.iterrows():
+        other = str(row["instance"]).split(" ")[0]
+        if other.startswith(f"{family}.") and other.split(".")[1] in INSTANCE_VCPUS:
+            per_vcpu = float(row["usd_per_hour"]) / INSTANCE_VCPUS[other.split(".")[1]]
+            return per_vcpu * INSTANCE_VCPUS[size], f"derived from {other} (linear in vCPUs)"
+    return None, "no sourced price"
+
+
+def recipe_costs(table: pd.DataFrame | None, projection: pd.DataFrame, h100: pd.DataFrame,
+                 prices: pd.DataFrame, baseline: str = "faithful") -> pd.DataFrame | None:
+    """Dollars per video of each recipe of notebook 08's summary ``table`` (projected) on the smallest c7g, m7g
+    and r7g that holds its peak and on the 16xlarge (``COST_ASSUMPTIONS``), beside the H100 rows of the GPU bench
+    at the same setting (derived from measured stage times) with each H100 price."""
+    if table is None or projection.empty:
+        return None
+    graviton3 = projection[projection["instance"] == GRAVITON3]["projected_seconds"].sum()
+    largest = INSTANCE_VCPUS[LARGEST]
+    out = []
+    for _, row in table.iterrows():
+        speed_up = 1.0 if row["recipe"] == baseline else row["speed-up over faithful"]
+        if speed_up is None or not np.isfinite(speed_up):
+            continue
+        for family in COST_FAMILIES:
+            fits = smallest_instance(row["peak GiB"] * GIB, family)
+            sizes = dict.fromkeys([fits["instance"]] if fits else []) | {f"{family}.{LARGEST}": None}
+            for instance in sizes:
+                vcpus = INSTANCE_VCPUS[instance.split(".")[1]]
+                seconds = graviton3 * largest / vcpus / speed_up
+                price, priced = family_price(prices, instance)
+                out.append({"recipe": row["recipe"], "platform": instance, "kind": "projected",
+                            "s per video": seconds, "usd per hour": price,
+                            "usd per video": None if price is None else seconds * price / 3600, "price": priced})
+    for _, row in h100.iterrows():
+        out.append({"recipe": f"{row['variant']} (GPU bench)", "platform": f"H100, {row['instance']}",
+                    "kind": "derived from measured", "s per video": row["seconds"], "usd per hour": row["usd_per_hour"],
+                    "usd per video": row["usd_per_video"], "price": "price table"})
+    return pd.DataFrame(out) if out else None
 
 
 # name -> (function, what the figure shows); the report draws them all in this order
