@@ -86,7 +86,7 @@ report: env $(EXECUTED) $(RUNS_HTML) render
 
 # an executed notebook as HTML, its progress bars coalesced into their final lines
 report/notebooks/%.html: build/$(PROFILE)/%.ipynb | env
-	$(BIN)/jupyter nbconvert --to html --coalesce-streams --output-dir report/notebooks $<
+	$(BIN)/jupyter nbconvert --to html --CoalesceStreamsPreprocessor.enabled=True --output-dir report/notebooks $<
 
 # Train the quality testbed's mini model into data/mini-model (under an hour on 2 cores; the time of the
 # run that made the committed weights is in the report). Neither `make report` nor `make test` runs this.
