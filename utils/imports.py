@@ -10,7 +10,7 @@ Layers, lowest first; a module imports only from lower layers or from its own su
     io, paths, fingerprint, imports                 shared helpers
     model                                           OpenSora 1.2 as upstream runs it
     optim | measure                                 the optimisation ladder | the instrument (neither imports the other)
-    testbed                                         the quality testbed
+    testbed | parallel                              the quality testbed | denoising over several processes
     experiments | report                            what notebooks run | what the report shows (neither imports
                                                     the other)
     generate, notebooks                             command lines
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"shared": 0, "model": 1, "optim": 2, "measure": 2, "testbed": 3, "experiments": 4, "report": 4, "cli": 5}
+LAYERS = {"shared": 0, "model": 1, "optim": 2, "measure": 2, "testbed": 3, "parallel": 3, "experiments": 4, "report": 4, "cli": 5}
 # the top-level modules, by unit
 TOP_LEVEL = {"io": "shared", "paths": "shared", "fingerprint": "shared", "imports": "shared", "generate": "cli",
              "notebooks": "cli"}

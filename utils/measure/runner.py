@@ -59,20 +59,25 @@ def task_function(reference: str):
     return tasks[name]
 
 
-def run_in_fresh_process(task: str, env: dict | None = None, timeout: float | None = None, **spec) -> dict:
+def run_in_fresh_process(task: str, env: dict | None = None, timeout: float | None = None, ranks: int = 1,
+                         **spec) -> dict:
     """Run ``task`` ("<module>:<name>") with ``spec`` in a new Python process whose environment is
-    ``child_environment(env, spec["threads"])``; return what it reports. A child killed from outside (e.g. by
-    the kernel's out-of-memory killer) comes back as ``{"failed": ...}``; any other failure raises
-    ``ChildFailed`` with the end of its error output."""
+    ``child_environment(env, spec["threads"])``; return what it reports. With ``ranks`` > 1, torchrun starts that
+    many such processes on this machine (``--standalone``: a free port on loopback), each with ``spec["threads"]``
+    threads, and rank 0's report comes back. A child killed from outside (e.g. by the kernel's out-of-memory
+    killer) comes back as ``{"failed": ...}``; any other failure raises ``ChildFailed`` with the end of its error
+    output."""
     task_function(task)  # fails here, naming the accepted tasks, rather than in the child
     child_env = child_environment(env, spec.get("threads"))
-    command = [sys.executable, "-m", "utils.measure.runner", task, "--spec", json.dumps(spec)]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else []
+    command = [sys.executable, *launcher, "-m", "utils.measure.runner", task, "--spec", json.dumps(spec)]
     done = subprocess.run(command, env=child_env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if done.returncode < 0:  # killed by a signal
         return {"failed": f"killed by signal {-done.returncode} (out of memory?)", "spec": spec, "env": env or {}}
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARKER)]
     if done.returncode != 0 or not lines:
-        raise ChildFailed(f"`{' '.join(command[:4])} ...` exited with {done.returncode}:\n{done.stderr[-3000:]}")
+        raise ChildFailed(f"`{' '.join(command[:4 + len(launcher)])} ...` exited with {done.returncode}:\n"
+                          f"{done.stderr[-3000:]}")
     return json.loads(lines[-1][len(RESULT_MARKER):]) | {"env": env or {}}
 
 
@@ -95,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     result |= dict(task=args.task.partition(":")[2], spec=spec, threads_used=torch.get_num_threads(), env_seen=seen,
                    pid=os.getpid())
     sys.stdout.flush()
-    print(RESULT_MARKER + json.dumps(result), flush=True)
+    if int(os.environ.get("RANK", 0)) == 0:  # one report per run: rank 0's, when torchrun started several ranks
+        print(RESULT_MARKER + json.dumps(result), flush=True)
     return 0
 
 

@@ -196,13 +196,19 @@ class OpenSoraPipeline:
     def latent_size(self, setting: VideoSetting) -> tuple[int, int, int]:
         return tuple(self.vae.get_latent_size([setting.num_frames, setting.height, setting.width]))
 
-    def prepare_latents(self, batch: int, setting: VideoSetting) -> torch.Tensor:
+    def prepare_latents(self, batch: int, setting: VideoSetting, noise_rows: tuple[int, int] | None = None
+                        ) -> torch.Tensor:
         """Gaussian noise z [B, 4, T, H/8, W/8] in the transformer's dtype, from the setting's seed
-        (drawn on the CPU, so a seed gives the same noise on every device)."""
+        (drawn on the CPU, so a seed gives the same noise on every device). With ``noise_rows`` = (first, total):
+        rows first..first+B of a batch of ``total`` videos' noise, as a part of a batch made elsewhere gets it."""
+        first, total = noise_rows or (0, batch)
+        if not 0 <= first <= total - batch:
+            raise ValueError(f"noise rows {first}..{first + batch} lie outside a batch of {total}")
         with record_function("prepare_latents"):
             generator = torch.Generator().manual_seed(setting.seed)
-            shape = (batch, self.vae.out_channels, *self.latent_size(setting))
-            return torch.randn(shape, generator=generator).to(self.device, self.dtypes["transformer"])
+            shape = (total, self.vae.out_channels, *self.latent_size(setting))
+            z = torch.randn(shape, generator=generator)[first:first + batch]
+            return z.to(self.device, self.dtypes["transformer"])
 
     def model_args(self, batch: int, setting: VideoSetting) -> dict[str, torch.Tensor]:
         # upstream prepare_multi_resolution_info: [B] tensors in the model dtype (bf16 rounds them)
@@ -232,10 +238,11 @@ class OpenSoraPipeline:
 
     # ---- the whole run -----------------------------------------------------------------------
     def __call__(self, prompts: list[str], setting: VideoSetting, progress: bool = True,
-                 free_text_encoder: bool = False, on_step=None) -> Generation:
+                 free_text_encoder: bool = False, on_step=None, noise_rows: tuple[int, int] | None = None
+                 ) -> Generation:
         """All four stages; with ``free_text_encoder`` the text encoder is released after encoding.
         Components not loaded are loaded when their stage comes (that time is not a stage's:
-        ``Generation.load_seconds``); ``on_step`` as in ``denoise``."""
+        ``Generation.load_seconds``); ``on_step`` as in ``denoise``, ``noise_rows`` as in ``prepare_latents``."""
         seconds, peaks, loads = {}, {}, {}
 
         def run(stage, *args, **kwargs):
@@ -250,7 +257,7 @@ class OpenSoraPipeline:
         y, mask = run("encode_prompt", prompts)
         if free_text_encoder:
             self.release("text_encoder")
-        z = run("prepare_latents", len(prompts), setting)
+        z = run("prepare_latents", len(prompts), setting, noise_rows)
         load("transformer")
         z = run("denoise", z, y, mask, setting, progress, on_step=on_step)
         load("vae")

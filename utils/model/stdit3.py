@@ -362,6 +362,8 @@ class STDiT3(nn.Module, CacheMixin):
         self.spatial_blocks = nn.ModuleList(STDiT3Block(cfg, temporal=False) for _ in range(cfg.depth))
         self.temporal_blocks = nn.ModuleList(STDiT3Block(cfg, temporal=True, rope=self.rope) for _ in range(cfg.depth))
         self.final_layer = T2IFinalLayer(C, math.prod(cfg.patch_size), cfg.out_channels)
+        # splits the tokens over ranks between the embedding and the final layer: utils.parallel.modes
+        self.sequence_parallel = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -423,9 +425,13 @@ class STDiT3(nn.Module, CacheMixin):
         x = self.x_embedder(x)  # [B, N, C]
         x = (x.unflatten(1, (T, S)) + pos_emb[:, None]).flatten(1, 2)  # same table added to every frame
 
+        split = self.sequence_parallel
+        x, S_part = (x, S) if split is None else split.split(x, T, S)  # this rank's spatial tokens
         for spatial_block, temporal_block in zip(self.spatial_blocks, self.temporal_blocks):
-            x = spatial_block(x, y, key_mask, t_mlp, T, S, x_mask, t0_mlp)
-            x = temporal_block(x, y, key_mask, t_mlp, T, S, x_mask, t0_mlp)
+            x = spatial_block(x, y, key_mask, t_mlp, T, S_part, x_mask, t0_mlp)
+            x = temporal_block(x, y, key_mask, t_mlp, T, S_part, x_mask, t0_mlp)
+        if split is not None:
+            x = split.gather(x, T, S)
 
         x = self.final_layer(x, t, T, S, x_mask, t0)  # [B, N, pt*ph*pw*C_out]
         x = self.unpatchify(x, T, h, w)[:, :, :Tx, :Hx, :Wx]  # crop the patch padding

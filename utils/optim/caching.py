@@ -222,6 +222,8 @@ class TeaCacheHook(ModelHook):
         self.threshold = threshold
         self.rescale = np.poly1d(coefficients)
         self.replay = replay  # computed step indices to replay instead of deciding (distances still measured)
+        # the head's distance of two modulated inputs; utils.parallel sums it over ranks that hold parts of the batch
+        self.distance = relative_l1
 
     def new_forward(self, block, x, y, key_mask, t_mlp, T, S, x_mask=None, t0_mlp=None):
         state = self.state_manager.get_state()
@@ -232,7 +234,7 @@ class TeaCacheHook(ModelHook):
             if first or last or state.previous is None or state.residual is None:
                 state.compute, state.accumulated = True, 0.0
             else:
-                distance = relative_l1(current, state.previous)
+                distance = self.distance(current, state.previous)
                 state.distances.append((context.step_index, distance))
                 state.accumulated += float(self.rescale(distance))
                 state.compute = state.accumulated >= self.threshold
@@ -283,9 +285,15 @@ def teacache(model: STDiT3, threshold: float = TEACACHE_THRESHOLDS["slow"],
     return model
 
 
+def teacache_head(model: STDiT3) -> TeaCacheHook:
+    """The hook that decides (on spatial block 0)."""
+    (head,) = [h for h in _hooks(model, "teacache") if h.head]
+    return head
+
+
 def teacache_stats(model: STDiT3) -> dict:
     """The head's record of the last video: steps, computed steps and the per-step input distances."""
-    (head,) = [h for h in _hooks(model, "teacache") if h.head]
+    head = teacache_head(model)
     states = list(head.state_manager._state_cache.values())
     if not states:
         return dict(steps=0, computed=0, distances=[])
