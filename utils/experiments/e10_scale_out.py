@@ -24,13 +24,13 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from utils.experiments.e05_attention import synthetic_caption
-from utils.measure.compare import Spread, run_interleaved, verdict
 from utils.measure import fidelity
+from utils.measure.compare import run_interleaved
 from utils.measure.results import Record, ResultsStore, make_config
 from utils.measure.runner import run_in_fresh_process
-from utils.measure.stages import DEFAULT_PROMPT
 from utils.model.pipeline import VideoSetting, load_pipeline
 from utils.optim import registry
+from utils.optim.caching import teacache_stats
 from utils.parallel import modes
 from utils.parallel.modes import bytes_per_step, messages_per_step
 from utils.parallel.world import DEFAULT_TIMEOUT_S, close, gather_first, init_world, plan
@@ -126,7 +126,8 @@ def _denoise(spec: dict, world) -> dict:
         torch.save(dict(latents=latents), spec["outputs"])
     return dict(ranks=ranks, layout=None if world is None else vars(world.layout),
                 optimizations=registry.describe(pipe), latent_shape=list(latents.shape),
-                grid=list(modes.grid(pipe, setting)))
+                grid=list(modes.grid(pipe, setting)),
+                teacache=teacache_stats(pipe.transformer) if "teacache" in pipe.optimizations else None)
 
 
 TASKS = {"denoise": task_denoise}
@@ -196,14 +197,15 @@ def protocol(store: ResultsStore, run_list: list[Run], setting: VideoSetting, mo
     for run in run_list:
         values = [per_process(r) for r in results[run.name]]
         cfg = _config(config, run, results[run.name][0], setting, model, steps, processes=len(values))
-        note = (f"{run.ranks} rank(s) x {run.threads} thread(s), the loop over {steps} steps, {len(values)} launches in "
-                "interleaved order with the other runs; spread: every launch's value (per_run)")
+        note = (f"{run.ranks} rank(s) x {run.threads} thread(s), the loop over {steps} steps, {len(values)} launches "
+                "in interleaved order with the other runs; spread: every launch's value (per_run)")
         row = dict(run=run.name, mode=run.mode or "single", ranks=run.ranks, threads=run.threads, videos=run.prompts)
         row["step s"] = _add(store, run.name, "step_seconds", "s", [v["step_s"] for v in values], cfg,
                              note + "; the slowest rank's median of steps 2..")
         row["first step s"] = _add(store, run.name, "first_step_seconds", "s", [v["first_step_s"] for v in values],
                                    cfg, note + "; the loop's first step (set-up included), the slowest rank")
-        row["bytes/step/rank"] = _add(store, run.name, "bytes_sent_per_step", "B", [v["bytes_per_step"] for v in values],
+        sent = [v["bytes_per_step"] for v in values]
+        row["bytes/step/rank"] = _add(store, run.name, "bytes_sent_per_step", "B", sent,
                                       cfg, note + "; counted: what the busiest rank's collectives sent per steady step")
         row["comm s/step"] = _add(store, run.name, "comm_seconds_per_step", "s", [v["comm_s"] for v in values], cfg,
                                   note + "; seconds inside collectives per steady step (waiting for a slower peer "
@@ -230,7 +232,8 @@ def parity(store: ResultsStore, run: Run, outputs: Path, config: dict, steps: in
     cfg = config | dict(configuration=run.name, baseline=run.baseline, steps=steps, mode=run.mode)
     for metric, value in diff.items():
         store.add(Record(run.name, "latents", metric, "", value, kind="measured", config=cfg,
-                         note=f"the final latent after {steps} steps against {run.baseline}'s, same noise and captions"))
+                         note=f"the final latent after {steps} steps against {run.baseline}'s, same noise and "
+                              "captions"))
     return dict(run=run.name, **diff)
 
 
@@ -299,8 +302,16 @@ def step_flops(pipe, setting: VideoSetting) -> int:
 
 
 def layout_for(instances: int) -> tuple[int, int]:
-    """(cfg, sequence) for N instances: CFG halves whenever N is even (the least traffic), sequence parts for the rest."""
-    return (2, instances // 2) if instances % 2 == 0 else (1, instances)
+    """(cfg, sequence) for N instances: one alone; the CFG halves for two, with N/2 sequence parts each beyond (the
+    halves exchange the least: one prediction per step)."""
+    if instances != 1 and instances % 2:
+        raise ValueError(f"the projection pairs the instances (CFG halves): 1 or an even count, got {instances}")
+    return (1, 1) if instances == 1 else (2, instances // 2)
+
+
+def instance_counts(max_instances: int) -> list[int]:
+    """The counts the projection steps through: one, then pairs (two more instances: one more part per half)."""
+    return [1, *range(2, max_instances + 1, 2)]
 
 
 def projected_step(flops: int, frames: int, tokens: int, output_elements: int, hidden: int, depth: int, instances: int,
@@ -322,15 +333,14 @@ def projected_step(flops: int, frames: int, tokens: int, output_elements: int, h
 
 
 def last_paying(curve: pd.DataFrame, pays: float) -> int:
-    """The instance count after which one more instance stops paying: it cuts the step by less than ``pays`` of a
-    perfect split's cut (step / (N + 1))."""
+    """The instance count after which the next count on ``curve`` stops paying: it cuts the step by less than
+    ``pays`` of what a perfect split would cut (step x (1 - N / N_next))."""
     steps = curve.set_index("instances")["step_s"]
-    for n in steps.index:
-        if n + 1 not in steps.index:
+    counts = list(steps.index)
+    for n, following in zip(counts, counts[1:]):
+        if steps[n] - steps[following] < pays * steps[n] * (1 - n / following):
             return int(n)
-        if steps[n] - steps[n + 1] < pays * steps[n] / (n + 1):
-            return int(n)
-    return int(steps.index[-1])
+    return int(counts[-1])
 
 
 NETWORK = Path(__file__).resolve().parents[2] / "data" / "network.csv"
@@ -345,7 +355,8 @@ def network_table(path: Path = NETWORK) -> pd.DataFrame:
 def projection(store: ResultsStore, pipe, rate_per_vcpu: float, config: dict, aspect_ratio: str = "9:16",
                settings=PROJECTED_SETTINGS, max_instances: int = 32, assumptions: Assumptions = Assumptions(),
                instances: pd.DataFrame | None = None) -> pd.DataFrame:
-    """The step on 1..``max_instances`` instances of each row of ``instances`` (``network_table``) at each setting
+    """The step on 1, 2, 4, .. ``max_instances`` instances of each row of ``instances`` (``network_table``) at each
+    setting
     (resolution, length): ``projected_step`` with this machine's measured FLOP rate per vCPU; stored (kind
     ``projected``) per setting and instance: the curve, the last paying count, its step and communication share."""
     instances = network_table() if instances is None else instances
@@ -357,7 +368,7 @@ def projection(store: ResultsStore, pipe, rate_per_vcpu: float, config: dict, as
         frames, tokens = modes.grid(pipe, setting)
         output_elements = cfg_model.out_channels * math.prod(pipe.latent_size(setting))
         for inst in instances.itertuples():
-            curve = pd.DataFrame([p for n in range(1, max_instances + 1) if (p := projected_step(
+            curve = pd.DataFrame([p for n in instance_counts(max_instances) if (p := projected_step(
                 flops, frames, tokens, output_elements, cfg_model.hidden_size, cfg_model.depth, n, inst.vcpus,
                 rate_per_vcpu, inst.gbps, assumptions)) is not None])
             best = last_paying(curve, assumptions.pays)
@@ -372,7 +383,8 @@ def projection(store: ResultsStore, pipe, rate_per_vcpu: float, config: dict, as
                     "checked against the counted bytes) at the published bandwidth; see the assumptions in config")
             for metric, unit, value, extra in (
                     ("one_instance_step_seconds", "s", curve.iloc[0]["step_s"], {}),
-                    ("last_paying_instances", "instances", best, {"cfg": int(at["cfg"]), "sequence": int(at["sequence"])}),
+                    ("last_paying_instances", "instances", best,
+                     {"cfg": int(at["cfg"]), "sequence": int(at["sequence"])}),
                     ("step_seconds_at_last_paying", "s", at["step_s"], {}),
                     ("comm_share_at_last_paying", "fraction", at["comm_share"], {})):
                 store.add(Record(name, "denoise", metric, unit, float(value), kind="projected", config=cfg | extra,

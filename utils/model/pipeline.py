@@ -105,7 +105,7 @@ class VideoSetting:
 class Generation:
     """One generated batch: frames in [-1, 1] [B, 3, F, H, W], plus the measurements of the run."""
 
-    video: torch.Tensor
+    video: torch.Tensor | None
     latents: torch.Tensor
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_bytes: dict[str, int] = field(default_factory=dict)
@@ -238,11 +238,12 @@ class OpenSoraPipeline:
 
     # ---- the whole run -----------------------------------------------------------------------
     def __call__(self, prompts: list[str], setting: VideoSetting, progress: bool = True,
-                 free_text_encoder: bool = False, on_step=None, noise_rows: tuple[int, int] | None = None
-                 ) -> Generation:
+                 free_text_encoder: bool = False, on_step=None, noise_rows: tuple[int, int] | None = None,
+                 decode: bool = True) -> Generation:
         """All four stages; with ``free_text_encoder`` the text encoder is released after encoding.
         Components not loaded are loaded when their stage comes (that time is not a stage's:
-        ``Generation.load_seconds``); ``on_step`` as in ``denoise``, ``noise_rows`` as in ``prepare_latents``."""
+        ``Generation.load_seconds``); ``on_step`` as in ``denoise``, ``noise_rows`` as in ``prepare_latents``.
+        Without ``decode`` the run stops at the latents (``video`` is None): a rank whose latents another decodes."""
         seconds, peaks, loads = {}, {}, {}
 
         def run(stage, *args, **kwargs):
@@ -260,8 +261,10 @@ class OpenSoraPipeline:
         z = run("prepare_latents", len(prompts), setting, noise_rows)
         load("transformer")
         z = run("denoise", z, y, mask, setting, progress, on_step=on_step)
-        load("vae")
-        video = run("decode", z, setting)
+        video = None
+        if decode:
+            load("vae")
+            video = run("decode", z, setting)
         return Generation(video=video, latents=z, seconds=seconds, peak_rss_bytes=peaks, load_seconds=loads)
 
 

@@ -210,7 +210,8 @@ def bytes_per_step(cfg: int, sequence: int, frames: int, tokens: int, hidden: in
     if P > 1:
         # each spatial block: two all-to-alls of [P, rows, f, part, hidden], (P-1)/P of it leaving the rank
         sent["all_to_all"] = depth * 2 * (P - 1) * rows * f * part * hidden * element_bytes
-        sent["all_gather"] = (P - 1) * rows * frames * part * hidden * element_bytes  # the parts, before the final layer
+        # the parts, gathered before the final layer
+        sent["all_gather"] = (P - 1) * rows * frames * part * hidden * element_bytes
     if cfg > 1:
         sent["all_gather"] = sent.get("all_gather", 0) + (cfg - 1) * rows * output_elements * 4  # the prediction
     return sent

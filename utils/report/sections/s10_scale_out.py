@@ -165,8 +165,8 @@ def measured_figure(rows: pd.DataFrame, path, environment: dict | None = None) -
         ax.grid(axis="y", alpha=0.3)
     left.set_ylabel("steady step, s (measured; dots: launches)")
     right.set_ylabel("time inside collectives, % of the step (counted)")
-    figure.suptitle(f"Scale-out on this machine's cores: one process against ranks\n{context_label(steps, environment)}",
-                    fontsize=10)
+    figure.suptitle("Scale-out on this machine's cores: one process against ranks\n"
+                    f"{context_label(steps, environment)}", fontsize=10)
     return save_figure(figure, path)
 
 
