@@ -59,6 +59,15 @@ class FigureSpec:
                    shows or dict(notebook=list(BASELINE_NOTEBOOKS)))
 
 
+def drawn_from(notebook_rows: Callable, draw: Callable) -> Callable[[ReportInputs, Path], Path | None]:
+    """A ``FigureSpec`` draw function: ``draw(rows, path, environment=...)`` on a section's own records, those
+    ``notebook_rows(records, primary)`` chooses (None while that notebook has none)."""
+    def drawn(inputs: ReportInputs, path: Path) -> Path | None:
+        rows, chosen = notebook_rows(inputs.records, inputs.primary)
+        return None if chosen is None else draw(rows, path, environment=inputs.environments.get(chosen))
+    return drawn
+
+
 # ---- labels -------------------------------------------------------------------------------------------
 
 def _threads_label(rows: pd.DataFrame) -> str:

@@ -15,7 +15,7 @@ from utils.measure.records import notebook_environment
 from utils.model.pipeline import STAGES
 from utils.model.weights import COMPONENTS
 from utils.optim.recipes import LADDER, RECIPES, fastest_kept, keeps_adherence, recipe
-from utils.report.figures import FigureSpec, ReportInputs, context_label, new_figure, save_figure
+from utils.report.figures import FigureSpec, ReportInputs, context_label, drawn_from, new_figure, save_figure
 from utils.report.sections import s90_cross_platform as xp
 
 NOTEBOOK = "08_end_to_end"
@@ -384,13 +384,6 @@ def tradeoff_figure(rows: pd.DataFrame, path, environment: dict | None = None) -
     return save_figure(figure, path)
 
 
-def _drawer(draw):
-    def drawn(inputs: ReportInputs, path) -> Path | None:
-        rows, chosen = notebook_rows(inputs.records, inputs.primary)
-        return None if chosen is None else draw(rows, path, environment=inputs.environments.get(chosen))
-    return drawn
-
-
 def _context(inputs: ReportInputs) -> str:
     rows, chosen = notebook_rows(inputs.records, inputs.primary)
     return context_label(_part(rows, "protocol"), inputs.environments.get(chosen))
@@ -402,14 +395,15 @@ FIGURES = {
         "seconds per video of each rung from faithful to fast and of the small recipe, stacked by stage (loading, "
         "encode, denoise, decode: measured medians of the protocol's processes, the denoise derived for every step), "
         "the bar: the range of the processes' derived videos",
-        _drawer(waterfall_figure), describe=_context),
+        drawn_from(notebook_rows, waterfall_figure), describe=_context),
     "end_to_end_spread": FigureSpec(
         "the protocol's fresh processes one by one: each process's seconds per video (derived) and seconds per step "
-        "(measured), per configuration, with their median", _drawer(spread_figure), describe=_context),
+        "(measured), per configuration, with their median", drawn_from(notebook_rows, spread_figure),
+        describe=_context),
     "end_to_end_tradeoff": FigureSpec(
         "seconds per video (derived) against the decoded frames' PSNR to faithful's complete run (derived) and against "
-        "the whole run's peak resident memory (measured), per configuration", _drawer(tradeoff_figure),
-        describe=_context),
+        "the whole run's peak resident memory (measured), per configuration",
+        drawn_from(notebook_rows, tradeoff_figure), describe=_context),
 }
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 
 from utils.measure.compare import Spread, verdict
 from utils.measure.records import notebook_environment
-from utils.report.figures import FigureSpec, ReportInputs, context_label, new_figure, save_figure
+from utils.report.figures import FigureSpec, ReportInputs, context_label, drawn_from, new_figure, save_figure
 
 NOTEBOOK = "10_scale_out"
 PARTS = ("protocol", "parity", "fp32 parity", "formula", "projection")
@@ -200,13 +200,6 @@ def projection_figure(rows: pd.DataFrame, path, environment: dict | None = None)
     return save_figure(figure, path)
 
 
-def _draw(figure):
-    def draw(inputs: ReportInputs, path) -> Path | None:
-        rows, chosen = notebook_rows(inputs.records, inputs.primary)
-        return None if chosen is None else figure(rows, path, environment=inputs.environments.get(chosen))
-    return draw
-
-
 def _context(inputs: ReportInputs) -> str:
     rows, chosen = notebook_rows(inputs.records, inputs.primary)
     return context_label(_part(rows, "protocol"), inputs.environments.get(chosen))
@@ -217,11 +210,11 @@ FIGURES = {
     "scale_out_measured": FigureSpec(
         "each mode's steady denoising step on this machine's cores against one process with all of them (every "
         "launch a dot), and the share of the step its busiest rank spent inside collectives (measured, counted)",
-        _draw(measured_figure), describe=_context),
+        drawn_from(notebook_rows, measured_figure), describe=_context),
     "scale_out_projection": FigureSpec(
         "the projected step on N instances of each type per setting: compute at the FLOP rate per vCPU measured "
         "here, traffic from the counted-and-checked formulas at the published bandwidth (projected, not measured)",
-        _draw(projection_figure), describe=_context),
+        drawn_from(notebook_rows, projection_figure), describe=_context),
 }
 
 
