@@ -51,10 +51,12 @@ class CFGParallel:
         self.world = world
 
     def split(self, module, args, kwargs):
+        """The CFG batch's tensors (``x``, ``timestep``, ``y``, and ``x_mask`` by keyword) cut to this rank's half;
+        the caption mask and the model arguments stay whole, as the model repeats them over its batch."""
         half = self.world.cfg_rank
         args = list(args)
         for i, name in enumerate(("x", "timestep", "y", "x_mask")):
-            if i < len(args):
+            if i < len(args) and name != "x_mask":  # the fourth positional parameter is the caption mask
                 args[i] = args[i].chunk(2)[half]
             elif kwargs.get(name) is not None:
                 kwargs[name] = kwargs[name].chunk(2)[half]

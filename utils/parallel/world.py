@@ -167,13 +167,14 @@ def init_world(mode: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
                        f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} ({first_line(err)})") from err
     world = World(rank, layout, timeout_s)
     P = layout.sequence
+    timeout = datetime.timedelta(seconds=timeout_s)  # a group's own default would be gloo's thirty minutes
     # every rank creates every group, in the same order (torch.distributed's rule)
     for half in range(layout.cfg):
-        group = dist.new_group([half * P + part for part in range(P)])
+        group = dist.new_group([half * P + part for part in range(P)], timeout=timeout)
         if world.cfg_rank == half:
             world.sequence_group = group
     for part in range(P):
-        group = dist.new_group([half * P + part for half in range(layout.cfg)])
+        group = dist.new_group([half * P + part for half in range(layout.cfg)], timeout=timeout)
         if world.sequence_rank == part:
             world.cfg_group = group
     return world
