@@ -76,6 +76,16 @@ def test_store_round_trip_and_replacement(tmp_path):
     assert (tmp_path / "environments" / f"{store.environment_id}.json").exists()
 
 
+def test_environment_id_is_stable_across_boots_and_changes_with_the_machine():
+    from utils.fingerprint import fingerprint
+    from utils.fingerprint import environment_id as eid
+    facts = dict(fingerprint())
+    reboot = dict(facts, memory_bytes=facts["memory_bytes"] - 320 * 1024)  # kernel reservation, seen on two boots
+    assert eid(reboot) == eid(facts) == facts["environment_id"]
+    assert eid(dict(facts, memory_bytes=facts["memory_bytes"] + 4 * 2**30)) != eid(facts)
+    assert eid(dict(facts, torch_build="2.12.0+cpu")) != eid(facts)
+
+
 def test_a_measurement_supersedes_the_variants_earlier_failure(tmp_path):
     store = ResultsStore("06_int8", root=tmp_path)
     failed = Record(variant="fp32", stage="total", metric="not_run", unit="", value=1.0, config=CONFIG,

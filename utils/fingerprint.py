@@ -131,8 +131,9 @@ def fingerprint(device: str = "cpu") -> dict:
 def environment_id(facts: dict) -> str:
     """Short, stable id of the machine and software stack (not of the code version or the settings,
     which each record carries itself)."""
-    stable = {k: facts[k] for k in ("cpu_model", "arch", "isa_torch", "logical_cpus", "memory_bytes",
-                                    "torch_build", "device")}
+    stable = {k: facts[k] for k in ("cpu_model", "arch", "isa_torch", "logical_cpus", "torch_build", "device")}
+    # whole GiB: the kernel's reserved memory differs by a few hundred KiB between boots of the same machine type
+    stable["memory_gib"] = round(facts["memory_bytes"] / 2**30)
     if facts.get("emulated"):  # never the id of the machine it imitates
         stable["qemu_cpu"] = facts["qemu_cpu"]
     digest = hashlib.sha1(repr(sorted(stable.items())).encode()).hexdigest()[:8]
