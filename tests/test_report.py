@@ -288,3 +288,11 @@ def test_recipe_costs_price_the_smallest_instance_that_fits_and_the_largest():
     assert row["usd per video"] == pytest.approx(200 * 0.16 / 3600) and row["kind"] == "projected"
     assert costs.loc[("fast", "m7g.16xlarge"), "s per video"] == pytest.approx(12.5)
     assert costs.loc[("upstream (GPU bench)", "H100, p5 (on-demand)"), "kind"] == "derived from measured"
+    # two priced sizes of one family: the newest price is the one scaled
+    dated = pd.DataFrame({"platform": ["m7g.16xlarge", "m7g.large"], "instance": ["m7g.16xlarge", "m7g.large"],
+                          "usd_per_hour": [3.2, 0.08], "date": ["2025-01-01", "2026-06-17"]})
+    assert xp.family_price(dated, "m7g.xlarge") == (pytest.approx(0.16), "derived from m7g.large (linear in vCPUs)")
+    assert xp.family_price(dated, "m7g.16xlarge") == (pytest.approx(3.2), "price table")
+    assert xp.family_price(dated, "c7g.large") == (None, "no sourced price")
+    assert xp.family_price(dated, "m7g.24xlarge")[0] == pytest.approx(0.04 * 96)  # sizes by EC2's naming rule
+    assert xp.family_price(dated, "m7g.metal") == (None, "no sourced price")

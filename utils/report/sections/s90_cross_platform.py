@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -101,8 +102,17 @@ def prices() -> pd.DataFrame:
 
 
 def cost_per_video(table: pd.DataFrame, price_table: pd.DataFrame) -> pd.DataFrame:
-    """Seconds x hourly price for every row of ``table`` (platform, seconds) whose platform has a price."""
-    merged = table.merge(price_table, left_on="platform", right_on="platform", how="inner")
+    """Seconds x hourly price for every row of ``table`` (platform, seconds) whose platform has a price: a row of
+    the price table, or for an instance name a priced size of its family (``family_price``); ``price`` says which."""
+    merged = table.merge(price_table, left_on="platform", right_on="platform", how="inner").assign(price="price table")
+    derived = []
+    for _, row in table[~table.platform.isin(price_table.platform)].iterrows():
+        if re.fullmatch(r"[a-z0-9]+\.[a-z0-9]+", str(row.platform)):
+            usd, source = family_price(price_table, row.platform)
+            if usd is not None:
+                derived.append(dict(row, instance=row.platform, usd_per_hour=usd, price=source))
+    if derived:
+        merged = pd.concat([merged, pd.DataFrame(derived)], ignore_index=True)
     merged["usd_per_video"] = merged.seconds * merged.usd_per_hour / 3600
     return merged
 
@@ -202,20 +212,30 @@ COST_ASSUMPTIONS = (
     "usable memory holds the recipe's measured peak")
 
 
+def size_vcpus(size: str) -> int | None:
+    """vCPUs of an EC2 size by the naming rule (large 2, xlarge 4, Nxlarge 4N; medium 1), or None."""
+    if size in INSTANCE_VCPUS:
+        return INSTANCE_VCPUS[size]
+    match = re.fullmatch(r"(\d+)xlarge", size)
+    return 4 * int(match.group(1)) if match else None
+
+
 def family_price(prices: pd.DataFrame, instance: str) -> tuple[float | None, str]:
-    """The hourly price of ``instance`` and where it comes from: its own row of the price table, else a priced
-    size of its family scaled by the vCPU count (EC2 prices scale linearly with size within a family), else
-    None."""
+    """The hourly price of ``instance`` and where it comes from: its own row of the price table, else the newest
+    priced size of its family scaled by the vCPU count (EC2 prices scale linearly with size within a family),
+    else None."""
     rows = prices[prices["instance"] == instance]
     if len(rows):
         return float(rows["usd_per_hour"].iloc[0]), "price table"
     family, size = instance.split(".")
-    for _, row in prices.iterrows():
-        other = str(row["instance"]).split(" ")[0]
-        if other.startswith(f"{family}.") and other.split(".")[1] in INSTANCE_VCPUS:
-            per_vcpu = float(row["usd_per_hour"]) / INSTANCE_VCPUS[other.split(".")[1]]
-            return per_vcpu * INSTANCE_VCPUS[size], f"derived from {other} (linear in vCPUs)"
-    return None, "no sourced price"
+    names = prices["instance"].astype(str).str.split(" ").str[0]
+    family_rows = prices[names.str.startswith(f"{family}.") & names.str.split(".").str[1].map(size_vcpus).notna()]
+    if family_rows.empty or size_vcpus(size) is None:
+        return None, "no sourced price"
+    row = (family_rows.sort_values("date", kind="stable") if "date" in family_rows else family_rows).iloc[-1]
+    other = str(row["instance"]).split(" ")[0]
+    return float(row["usd_per_hour"]) / size_vcpus(other.split(".")[1]) * size_vcpus(size), \
+        f"derived from {other} (linear in vCPUs)"
 
 
 def recipe_costs(table: pd.DataFrame | None, projection: pd.DataFrame, h100: pd.DataFrame,
@@ -297,7 +317,7 @@ def _cross_platform(xp: dict) -> dict | None:
     costs = None
     if not xp["costs"].empty:
         costs = xp["costs"][["platform", "instance", "variant", "resolution", "frames", "seconds", "kind",
-                             "usd_per_hour", "unit", "usd_per_video", "date"]]
+                             "usd_per_hour", "unit", "usd_per_video", "price"]]
     return dict(totals=totals.drop(columns=["environment_id"]), steps=sorted({int(s) for s in xp["totals"]["steps"]}),
                 published=None if xp["published"].empty else xp["published"],
                 projection=projection, costs=costs, gemm_efficiency=xp["gemm_efficiency"],
