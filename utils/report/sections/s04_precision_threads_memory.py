@@ -236,6 +236,11 @@ def precision_table(df: pd.DataFrame) -> pd.DataFrame | None:
     table.insert(6, "speed-up vs fp32", [fp32_total / t if fp32_total and t else None for t in table["video s"]])
     spreads = {v: process_totals(tuning_rows(df, "precision"), v) for v in table["variant"]}
     if spreads.get("fp32") is not None:  # measured with the comparison protocol: the processes' range and verdict
+        # one value per quantity: a protocol variant's video is the median of its processes' videos (the verdict's)
+        table["video s"] = [t if spreads[v] is None else spreads[v].median for v, t in zip(table["variant"],
+                                                                                           table["video s"])]
+        fp32_total = spreads["fp32"].median
+        table["speed-up vs fp32"] = [fp32_total / t if t else None for t in table["video s"]]
         table.insert(6, "video s, process range", [None if spreads[v] is None else
                                                    f"{spreads[v].low:.4g}-{spreads[v].high:.4g}"
                                                    for v in table["variant"]])
@@ -379,7 +384,9 @@ def _precision_recommendation(rows: pd.DataFrame, precision: pd.DataFrame, fidel
     protocol over each process's video seconds) whose numbers differ from fp32's, the fastest, with those
     not measurably different from it named beside it."""
     fid = {} if fidelity is None else fidelity.set_index("variant").to_dict("index")
-    spreads = {v: process_totals(tuning_rows(rows, "precision"), v) for v in precision["variant"]}
+    # a variant that times only the stage it changes (int8_t5) has no video of its own to rank
+    whole = precision.dropna(subset=["video s"])["variant"] if "video s" in precision else precision["variant"]
+    spreads = {v: process_totals(tuning_rows(rows, "precision"), v) for v in whole}
     if spreads.get("fp32") is None or any(spread is None for spread in spreads.values()):
         return dict(setting="precision", recommendation="not ranked: measured in one process (rerun notebook 04)",
                     evidence="no between-process spread is stored for every variant")
