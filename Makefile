@@ -76,7 +76,8 @@ build/$(PROFILE)/0%.ipynb: notebooks/0%.ipynb $(PROFILES) | env
 	$(BIN)/python -m utils.notebooks $< $@ --profile $(PROFILE)
 
 build/$(PROFILE)/03_quality_baseline.ipynb build/$(PROFILE)/04_precision_threads_memory.ipynb \
-    build/$(PROFILE)/06_int8.ipynb build/$(PROFILE)/07_step_caching.ipynb build/$(PROFILE)/08_end_to_end.ipynb: \
+    build/$(PROFILE)/06_int8.ipynb build/$(PROFILE)/07_step_caching.ipynb build/$(PROFILE)/08_end_to_end.ipynb \
+    build/$(PROFILE)/09_runtimes.ipynb: \
     $(MINI_WEIGHTS)
 
 build/$(PROFILE)/9%.ipynb: notebooks/9%.ipynb $(READING) | env

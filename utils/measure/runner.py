@@ -74,7 +74,8 @@ def run_in_fresh_process(task: str, env: dict | None = None, timeout: float | No
     done = subprocess.run(command, env=child_env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if done.returncode < 0:  # killed by a signal
         return {"failed": f"killed by signal {-done.returncode} (out of memory?)", "spec": spec, "env": env or {}}
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARKER)]
+    # the marker may follow a library's terminal codes on the same line (a progress bar's closing escape sequence)
+    lines = [line[line.index(RESULT_MARKER):] for line in done.stdout.splitlines() if RESULT_MARKER in line]
     if done.returncode != 0 or not lines:
         raise ChildFailed(f"`{' '.join(command[:4 + len(launcher)])} ...` exited with {done.returncode}:\n"
                           f"{done.stderr[-3000:]}")

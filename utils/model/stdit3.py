@@ -364,6 +364,8 @@ class STDiT3(nn.Module, CacheMixin):
         self.final_layer = T2IFinalLayer(C, math.prod(cfg.patch_size), cfg.out_channels)
         # splits the tokens over ranks between the embedding and the final layer: utils.parallel.modes
         self.sequence_parallel = None
+        # runs the blocks elsewhere (an exported stack on another runtime): utils.optim.onnx_backends
+        self.block_runner = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -427,9 +429,12 @@ class STDiT3(nn.Module, CacheMixin):
 
         split = self.sequence_parallel
         x, S_part = (x, S) if split is None else split.split(x, T, S)  # this rank's spatial tokens
-        for spatial_block, temporal_block in zip(self.spatial_blocks, self.temporal_blocks):
-            x = spatial_block(x, y, key_mask, t_mlp, T, S_part, x_mask, t0_mlp)
-            x = temporal_block(x, y, key_mask, t_mlp, T, S_part, x_mask, t0_mlp)
+        if self.block_runner is not None:
+            x = self.block_runner(x, y, key_mask, t_mlp, T, S_part, x_mask)
+        else:
+            for spatial_block, temporal_block in zip(self.spatial_blocks, self.temporal_blocks):
+                x = spatial_block(x, y, key_mask, t_mlp, T, S_part, x_mask, t0_mlp)
+                x = temporal_block(x, y, key_mask, t_mlp, T, S_part, x_mask, t0_mlp)
         if split is not None:
             x = split.gather(x, T, S)
 

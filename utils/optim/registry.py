@@ -17,6 +17,7 @@ from utils.model.pipeline import OpenSoraPipeline
 from utils.optim.attention import apply_attention
 from utils.optim.caching import apply_pab, apply_step_counts, apply_teacache
 from utils.optim.hook_caches import apply_first_block_cache, apply_mag_cache, apply_taylorseer
+from utils.optim.onnx_backends import apply_onnxruntime, apply_openvino
 from utils.optim.precision import apply_autocast, apply_bf16
 from utils.optim.quantize import apply_int8_weight_only, apply_quantize
 from utils.optim.rewrites import apply_cache_text_kv, apply_fused_modulate, apply_fused_rope, apply_vae_channels_last
@@ -47,6 +48,9 @@ OPTIMIZATIONS = {
     "taylorseer": apply_taylorseer,
     "step_counts": apply_step_counts,
     "autocast": apply_autocast,
+    # other runtimes for the transformer's blocks (utils.optim.onnx_backends): last, so they see every other step
+    "onnxruntime": apply_onnxruntime,
+    "openvino": apply_openvino,
 }
 
 

@@ -37,6 +37,7 @@ from utils.report.sections import (
     s06_int8,
     s07_step_caching,
     s08_end_to_end,
+    s09_runtimes,
     s10_scale_out,
     s90_cross_platform,
 )
@@ -51,8 +52,8 @@ README_MARKERS = ("<!-- headline: written by python -m utils.report from the rec
                   "<!-- headline: end -->")
 # every section of the report, in the notebooks' order
 SECTIONS = (s00_environment, s01_baseline, s02_stage_profile, s03_quality_baseline, s04_precision_threads_memory,
-            s05_attention, s06_int8, s07_step_caching, s08_end_to_end, s10_scale_out, s90_cross_platform,
-            arm_check)
+            s05_attention, s06_int8, s07_step_caching, s08_end_to_end, s09_runtimes, s10_scale_out,
+            s90_cross_platform, arm_check)
 # config fields that say nothing about the setting (or are lists) stay out of "How to reproduce"
 UNSUMMARISED = {"config.mkn", "config.latent"}
 

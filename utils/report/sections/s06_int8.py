@@ -34,13 +34,14 @@ ARM_PREFIXES = ("quantize_", "op_int8", "op_int4")
 
 # ---- selecting ------------------------------------------------------------------------------------------
 
-def int8_rows(df: pd.DataFrame, experiment: str, **criteria) -> pd.DataFrame:
+def int8_rows(df: pd.DataFrame, experiment: str, notebook: str = NOTEBOOK, **criteria) -> pd.DataFrame:
+    """``notebook``'s records of ``experiment`` (notebook 09 stores its runtime variants the same way)."""
     df = one_environment(df)
     for column in ("config.experiment", "config.optimizations", "config.layer", "config.kernel_setting",
                    "config.sensitivity_model", "config.split"):
         if column not in df.columns:
             df[column] = None
-    return select(df, notebook=NOTEBOOK, **{"config.experiment": experiment}, **criteria)
+    return select(df, notebook=notebook, **{"config.experiment": experiment}, **criteria)
 
 
 def _ordered(names, order) -> list:
@@ -74,12 +75,12 @@ def kernel_table(df: pd.DataFrame) -> pd.DataFrame | None:
     return pd.DataFrame(table)
 
 
-def variant_table(df: pd.DataFrame) -> pd.DataFrame | None:
-    rows = int8_rows(df, "variants").drop_duplicates(["variant", "stage", "metric"], keep="last")
+def variant_table(df: pd.DataFrame, notebook: str = NOTEBOOK, order=VARIANT_ORDER) -> pd.DataFrame | None:
+    rows = int8_rows(df, "variants", notebook).drop_duplicates(["variant", "stage", "metric"], keep="last")
     if rows.empty:
         return None
     table = []
-    for name in _ordered(rows["variant"], VARIANT_ORDER):
+    for name in _ordered(rows["variant"], order):
         ours = select(rows, variant=name)
         stage = "encode_prompt" if name.startswith("t5_") else "denoise"
         per_call = value_of(ours, stage=stage, metric="seconds_per_step" if stage == "denoise" else "seconds")
@@ -123,13 +124,13 @@ def sensitivity_table(df: pd.DataFrame) -> pd.DataFrame | None:
     return table
 
 
-def adherence_table(df: pd.DataFrame) -> pd.DataFrame | None:
-    rows = int8_rows(df, "adherence")
+def adherence_table(df: pd.DataFrame, notebook: str = NOTEBOOK, order=VARIANT_ORDER) -> pd.DataFrame | None:
+    rows = int8_rows(df, "adherence", notebook)
     if rows.empty:
         return None
     rows = rows.drop_duplicates(["variant", "config.split", "metric"], keep="last")
     table = []
-    for name in _ordered(rows["variant"], VARIANT_ORDER):
+    for name in _ordered(rows["variant"], order):
         for split in dict.fromkeys(select(rows, variant=name)["config.split"]):
             ours = select(rows, variant=name, **{"config.split": split})
             fp32 = value_of(rows, variant="fp32", metric="adherence_all_correct", **{"config.split": split})
@@ -276,11 +277,12 @@ def kernels_figure(df: pd.DataFrame, path, environment: dict | None = None) -> P
     return save_figure(figure, path)
 
 
-def tradeoff_figure(df: pd.DataFrame, path, environment: dict | None = None) -> Path | None:
+def tradeoff_figure(df: pd.DataFrame, path, environment: dict | None = None, notebook: str = NOTEBOOK,
+                    order=VARIANT_ORDER) -> Path | None:
     """Left: denoiser speed-up against fp32 (measured side by side) vs the final latent's error against fp32
     (real-size, random weights). Middle: the transformer's bytes and the denoise stage's peak resident memory
     per variant (measured). Right: the mini model's all-correct adherence per variant and split."""
-    variants, adherence = variant_table(df), adherence_table(df)
+    variants, adherence = variant_table(df, notebook, order), adherence_table(df, notebook, order)
     if variants is None:
         return None
     figure, (left, middle, right) = new_figure(17.0, 4.8, ncols=3, width_ratios=(1.3, 1.0, 1.0))
@@ -312,7 +314,7 @@ def tradeoff_figure(df: pd.DataFrame, path, environment: dict | None = None) -> 
     left.set_xlabel("denoiser speed-up vs fp32 (measured side by side)")
     left.set_ylabel("final latent rel. L2 vs fp32\n(x: fp32 itself, drawn at the floor)", fontsize=8)
     left.grid(alpha=0.3)
-    rows = select(int8_rows(df, "variants"), metric="seconds_per_step")
+    rows = select(int8_rows(df, "variants", notebook), metric="seconds_per_step")
     left.set_title(f"Speed vs fidelity, real-size model (random weights)\n{setting_label(rows)}", fontsize=9)
     if adherence is not None:
         splits = list(dict.fromkeys(adherence["combinations"]))
