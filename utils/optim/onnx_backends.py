@@ -41,7 +41,7 @@ EXPORTER_PACKAGES = ("torch", "onnx", "onnxscript")
 
 # steps that change the PyTorch blocks the runtime replaces (or hook them): refused with a backend
 BLOCK_STEPS = ("attention", "cache_text_kv", "fused_rope", "fused_modulate", "compile", "teacache", "pab",
-               "first_block_cache", "mag_cache", "taylorseer", "autocast", "onnxruntime", "openvino")
+               "first_block_cache", "mag_cache", "taylorseer", "onnxruntime", "openvino")
 ORT_PRECISIONS = ("fp32", "int8")
 OPENVINO_PRECISIONS = ("f32", "bf16")
 OPENVINO_WEIGHTS = (None, "int8")

@@ -47,10 +47,11 @@ OPTIMIZATIONS = {
     "mag_cache": apply_mag_cache,
     "taylorseer": apply_taylorseer,
     "step_counts": apply_step_counts,
-    "autocast": apply_autocast,
-    # other runtimes for the transformer's blocks (utils.optim.onnx_backends): last, so they see every other step
+    # other runtimes for the transformer's blocks (utils.optim.onnx_backends): after every step that changes the
+    # blocks, so they see (and refuse) them
     "onnxruntime": apply_onnxruntime,
     "openvino": apply_openvino,
+    "autocast": apply_autocast,
 }
 
 
