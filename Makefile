@@ -148,8 +148,9 @@ tensorboard: env
 # generation, bf16, fp32 fast math, int8, KleidiAI int4 and SDPA against fp64, and which kernels ran.
 # Its own cache in .arm/ (no .venv); the first set-up needs root (apt-get, mmdebstrap). Emulated timings
 # are not performance.
-arm-check:
+arm-check: env
 	tools/arm-python.sh --setup
+	$(BIN)/python -m utils.experiments.arm_check --export-runtime-files
 	@failed=""; for profile in $(ARM_PROFILES); do \
 	    ARM_PROFILE=$$profile ARM_STORE=$(ARM_STORE) tools/arm-python.sh -m utils.experiments.arm_check || failed="$$failed $$profile"; \
 	done; \

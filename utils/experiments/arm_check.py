@@ -586,6 +586,173 @@ def check_attention(profile: str, choice: str):
     return ok, detail, numbers
 
 
+# ---- other runtimes (utils.optim.onnx_backends) on the emulated CPU --------------------------------------
+# The tiny model's block stack and VAE decoders are exported on the host (`--export-runtime-files`, which
+# `make arm-check` runs first): ONNX files are portable, and the dynamo exporter under emulation would take
+# hours. The files come with the weights they were exported from, which the emulated PyTorch loads (strict) for
+# its own reference run.
+RUNTIME_FILES = BUILD / "arm" / "onnx"
+RUNTIME_FP32_BOUND = 1e-4  # fp32 runtimes against aarch64 PyTorch fp32 (another order of sums, other kernels)
+RUNTIME_LOSSY_BOUND = 5e-2  # bf16 fast math, f16, int8 weights only: tests/test_onnx_backends.py's lossy bound
+# quantize_dynamic's int8: uint8 activations with one scale per tensor, like w8a8_dynamic_ao (x86 measures 0.088)
+RUNTIME_INT8_BOUND = SCHEME_BOUNDS["w8a8_dynamic_ao"]
+RUNTIME_COMPONENTS = ("transformer", "vae")
+
+
+def export_runtime_files(folder: Path = RUNTIME_FILES) -> Path:
+    """On the host, before the emulated checks: the tiny pipeline's block stack (fp32, ONNX Runtime's dynamic int8
+    copy, and OpenVINO's model with NNCF's int8 weights: NNCF is not installed under emulation) and VAE decoders
+    exported to ONNX into ``folder``, the weights they were made from saved beside
+    them, all listed in ``manifest.json`` (returned)."""
+    from safetensors.torch import save_file  # see above
+
+    from utils.io import write_json_atomic  # see above
+    from utils.model.pipeline import load_pipeline  # see above
+    from utils.optim import onnx_backends  # see above
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline("tiny", weights="random", dtype="fp32", load=RUNTIME_COMPONENTS)
+    stack = onnx_backends.export_stack(pipe.transformer, folder)
+    files = {"stack": stack, "stack_int8": onnx_backends.quantize_ort(stack)}
+    files |= {f"{half}_decoder": path for half, path in onnx_backends.export_vae_decoders(pipe.vae, folder).items()}
+    files["stack_openvino_int8_weights"] = onnx_backends.compress_openvino(stack)
+    for component in RUNTIME_COMPONENTS:
+        state = {k: v.detach().contiguous().clone() for k, v in pipe._module(component).state_dict().items()}
+        save_file(state, folder / f"{component}.safetensors")
+    manifest = folder / "manifest.json"
+    write_json_atomic(manifest, {name: str(path.relative_to(folder)) for name, path in files.items()}
+                      | {component: f"{component}.safetensors" for component in RUNTIME_COMPONENTS})
+    return manifest
+
+
+def runtime_reference() -> dict:
+    """The tiny pipeline with the exported files' weights, its fp32 PyTorch latents and video from the baseline's
+    caption and noise (once per process)."""
+    import torch  # see above
+    from safetensors.torch import load_file  # see above
+
+    from utils.model.pipeline import load_pipeline  # see above
+    if "pipe" not in _RUNTIME_REFERENCE:
+        manifest = json.loads((RUNTIME_FILES / "manifest.json").read_text())
+        pipe = load_pipeline("tiny", weights="random", dtype="fp32", load=RUNTIME_COMPONENTS)
+        for component in RUNTIME_COMPONENTS:
+            pipe._module(component).load_state_dict(load_file(RUNTIME_FILES / manifest[component]), strict=True)
+        base, setting = tiny_baseline(), step_setting()
+        with torch.no_grad():
+            latents = pipe.denoise(base["z"], base["y"], base["mask"], setting, progress=False)
+            video = pipe.decode(latents, setting)
+        _RUNTIME_REFERENCE.update(pipe=pipe, manifest=manifest, latents=latents, video=video, base=base,
+                                  setting=setting)
+    return _RUNTIME_REFERENCE
+
+
+_RUNTIME_REFERENCE: dict = {}
+
+
+def _runtime_run(stack, decoders=None) -> dict:
+    """The reference pipeline with its blocks on ``stack`` (and its VAE decoders on ``decoders``, a pair of
+    temporal and spatial models), then back to PyTorch: latents, video and their errors."""
+    import torch  # see above
+
+    from utils.optim import onnx_backends  # see above
+    ref = runtime_reference()
+    pipe, base, setting = ref["pipe"], ref["base"], ref["setting"]
+    pipe.transformer.block_runner = onnx_backends.BlockRunner(stack, "arm check")
+    if decoders:
+        pipe.vae.temporal_vae.decoder_runner = onnx_backends.DecoderRunner(decoders[0], "arm check")
+        pipe.vae.spatial_vae.decoder_runner = onnx_backends.DecoderRunner(decoders[1], "arm check")
+    try:
+        with torch.no_grad():
+            latents = pipe.denoise(base["z"], base["y"], base["mask"], setting, progress=False)
+            video = pipe.decode(latents, setting) if decoders else None
+    finally:
+        pipe.transformer.block_runner = pipe.vae.temporal_vae.decoder_runner = None
+        pipe.vae.spatial_vae.decoder_runner = None
+    run = dict(latents=latents, latent_error=rel_error(latents, ref["latents"]))
+    if video is not None:
+        run |= dict(video=video, video_error=rel_error(video, ref["video"]))
+    return run
+
+
+def _runtime_ready(module: str) -> str | None:
+    """Why the runtime checks cannot run here, or None."""
+    import importlib.util
+    if importlib.util.find_spec(module) is None:
+        return f"{module} is not installed in this environment (requirements-aarch64.txt)"
+    if not (RUNTIME_FILES / "manifest.json").exists():
+        return (f"no exported files in {RUNTIME_FILES}: `make arm-check` makes them on the host first "
+                "(python -m utils.experiments.arm_check --export-runtime-files)")
+    return None
+
+
+def check_onnxruntime(profile: str):
+    """ONNX Runtime's CPU execution provider on the exported stack and decoders: fp32 against aarch64 PyTorch;
+    the bf16 fast-math GEMM option (bit-identical to fp32 where the CPU has no BF16; where it has, whether it
+    changed the output says whether the kernel ran); quantize_dynamic's int8 stack."""
+    import torch  # see above
+
+    from utils.optim import onnx_backends as ob  # see above
+    why = _runtime_ready("onnxruntime")
+    if why:
+        return False, why, {}
+    import onnxruntime
+    files = {name: RUNTIME_FILES / path for name, path in runtime_reference()["manifest"].items()}
+    fp32 = _runtime_run(ob.OrtModel(files["stack"]), (ob.OrtModel(files["temporal_decoder"]),
+                                                       ob.OrtModel(files["spatial_decoder"])))
+    fast = _runtime_run(ob.OrtModel(files["stack"], options={ob.ARM64_BF16_FASTMATH: "1"}))
+    int8 = _runtime_run(ob.OrtModel(files["stack_int8"], precision="int8"))
+    ran = not torch.equal(fast["latents"], fp32["latents"])
+    bf16 = "bf16" in hwcaps()
+    checks = [fp32["latent_error"] < RUNTIME_FP32_BOUND, fp32["video_error"] < RUNTIME_FP32_BOUND,
+              0 < int8["latent_error"] < RUNTIME_INT8_BOUND,
+              fast["latent_error"] < RUNTIME_LOSSY_BOUND if bf16 else not ran]  # without BF16: a no-op
+    fastmath = (f"bf16 fast math {fast['latent_error']:.1e} ("
+                + (("the bf16 kernel ran" if ran else "bit-identical to fp32: the bf16 kernel did not run") if bf16
+                   else ("bit-identical to fp32, as expected without BF16" if not ran else "changed without BF16"))
+                + ")")
+    detail = (f"onnxruntime {onnxruntime.__version__}: fp32 latents {fp32['latent_error']:.1e}, video "
+              f"{fp32['video_error']:.1e} rel. L2 vs PyTorch fp32 (bound {RUNTIME_FP32_BOUND:g}); {fastmath}; int8 "
+              f"(quantize_dynamic) {int8['latent_error']:.1e} (bound {RUNTIME_INT8_BOUND:g})")
+    return all(checks), detail, {"fp32_latent_rel_l2": fp32["latent_error"], "fp32_video_rel_l2": fp32["video_error"],
+                                 "fastmath_latent_rel_l2": fast["latent_error"], "fastmath_ran": float(ran),
+                                 "int8_latent_rel_l2": int8["latent_error"]}
+
+
+def check_openvino(profile: str):
+    """OpenVINO's CPU plugin on the exported stack and decoders: f32 against aarch64 PyTorch; the f16 and bf16
+    precision hints (OpenVINO documents f32 and f16 on Arm) with the precision it compiled for; NNCF's int8
+    weight compression (documented to run as floating-point simulation on Arm)."""
+    from utils.optim import onnx_backends as ob  # see above
+    why = _runtime_ready("openvino")
+    if why:
+        return False, why, {}
+    import openvino
+    files = {name: RUNTIME_FILES / path for name, path in runtime_reference()["manifest"].items()}
+    f32 = _runtime_run(ob.OpenVinoModel(files["stack"], "f32"), (ob.OpenVinoModel(files["temporal_decoder"], "f32"),
+                                                                 ob.OpenVinoModel(files["spatial_decoder"], "f32")))
+    numbers, parts = {"f32_latent_rel_l2": f32["latent_error"], "f32_video_rel_l2": f32["video_error"]}, []
+    lossy_ok = True
+    # bf16 is not documented on Arm: a refusal is reported, not failed
+    for hint, weights, required in (("f16", None, True), ("bf16", None, False), ("f32", "int8", True)):
+        label = f"{hint}{' int8 weights' if weights else ''}"
+        try:
+            model = ob.OpenVinoModel(files["stack_openvino_int8_weights" if weights else "stack"], hint)
+        except RuntimeError as refused:
+            parts.append(f"{label}: refused ({str(refused).strip().splitlines()[0][:160]})")
+            lossy_ok &= not required
+            continue
+        compiled = model.precision  # what OpenVINO compiled for
+        error = _runtime_run(model)["latent_error"]
+        numbers[f"{label.replace(' ', '_')}_latent_rel_l2"] = error
+        parts.append(f"{label}: compiled as {compiled}, {error:.1e}")
+        lossy_ok &= error < RUNTIME_LOSSY_BOUND
+    ok = f32["latent_error"] < RUNTIME_FP32_BOUND and f32["video_error"] < RUNTIME_FP32_BOUND and lossy_ok
+    detail = (f"openvino {openvino.__version__}: f32 latents {f32['latent_error']:.1e}, video {f32['video_error']:.1e} "
+              f"rel. L2 vs PyTorch fp32 (bound {RUNTIME_FP32_BOUND:g}); " + "; ".join(parts)
+              + f" (bound {RUNTIME_LOSSY_BOUND:g})")
+    return ok, detail, numbers
+
+
 # the decoded video's rel. L2 against the faithful recipe's (tiny model, 1 frame, 4 steps): x86 measures 0.041 for
 # graviton (bf16, int8, TeaCache); the bound leaves room for other kernels (ACL, KleidiAI) rounding differently
 RECIPE_BOUND = 0.1
@@ -663,6 +830,12 @@ def step_checks() -> dict:
             kinds = ",".join(kind for kind, offered in CHOICES.items() if choice in offered)
             checks[f"attention_{choice}"] = entry(functools.partial(check_attention, choice=choice),
                                                   f"attention({kinds}={choice})", EXACT_BOUND)
+    for name, check in (("onnxruntime", check_onnxruntime), ("openvino", check_openvino)):
+        checks[f"runtime_{name}"] = (check, dict(config, step=name, checked=(
+            f"utils.optim.onnx_backends on the tiny model's stack and VAE decoders, exported on the host: {name} "
+            f"against aarch64 PyTorch fp32 with the same weights, final latents and video rel. L2 < "
+            f"{RUNTIME_FP32_BOUND:g} (fp32), < {RUNTIME_LOSSY_BOUND:g} (bf16, f16, int8 weights), < "
+            f"{RUNTIME_INT8_BOUND:g} (dynamic int8)")))
     for name in ("graviton",):  # the recipe the study recommends on Arm (its speed: a Graviton run, the runbook)
         checks[f"recipe_{name}"] = (functools.partial(check_recipe, name=name), dict(
             config, steps=RECIPE_STEPS, step=f"recipe {name}", checked=f"utils.optim.recipes.build_pipeline({name!r}) "
@@ -773,9 +946,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hwcaps", action="store_true", help="print this CPU's HWCAP names and exit")
     parser.add_argument("--fastmath-probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--recipe-probe", nargs=2, metavar=("RECIPE", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--export-runtime-files", action="store_true",
+                        help="on the host: export the runtime checks' ONNX files into "
+                             f"{RUNTIME_FILES.relative_to(REPO)}")
     args = parser.parse_args(argv)
     if args.hwcaps:
         print(" ".join(hwcaps()))
+        return 0
+    if args.export_runtime_files:
+        print(f"runtime files: {export_runtime_files().relative_to(REPO)}")
         return 0
     if platform.machine() != "aarch64":
         parser.error(f"this is {platform.machine()}: run it under emulation, e.g. "

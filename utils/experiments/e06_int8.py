@@ -204,6 +204,13 @@ def variant_records(runs: dict[str, dict], steps: int) -> list[Record]:
                 if entry.get(key) is not None:
                     records.append(Record(variant=name, stage=stage, metric=metric, unit=unit, value=entry[key],
                                           spread={"n": 1}, config=config[name]))
+            # another runtime runs part of the stage (utils.optim.onnx_backends), its weights' size known
+            if (entry.get("runtime") or {}).get("weight_bytes") is not None:
+                records.append(Record(variant=name, stage=stage, metric="runtime_bytes", unit="B",
+                                      value=entry["runtime"]["weight_bytes"], spread={"n": 1}, config=config[name],
+                                      quality={"precision": entry["runtime"]["precision"]},
+                                      note="the runtime's own weights (beside the PyTorch module); quality: the "
+                                           "precision it computes in"))
         if name != "fp32" and result.get("inputs_used") and "stages" in runs.get("fp32", {}):
             records += fidelity_records(name, result["outputs"], runs["fp32"]["outputs"], config[name])
     for base in ("fp32", "bf16"):

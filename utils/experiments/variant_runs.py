@@ -41,6 +41,7 @@ from utils.model.dtypes import dtype_name
 from utils.model.memory import InsufficientMemoryError, timed
 from utils.model.pipeline import STAGES, VideoSetting, load_pipeline
 from utils.optim import preflight, registry
+from utils.optim.onnx_backends import runtime_facts
 from utils.optim.quantize import quantized_bytes
 from utils.optim.recipes import GUIDE_ENV
 from utils.optim.registry import describe
@@ -211,12 +212,14 @@ def _loaded(pipe, component: str) -> float:
 
 def _timing(timing, load_s, pipe=None, component: str | None = None) -> dict:
     """A stage's timing, its model's load time and, for a loaded model, its bytes (quantised tensors
-    counted by their data and scales) and the part of loading spent quantising (``utils.optim.quantize``)."""
+    counted by their data and scales), the part of loading spent quantising (``utils.optim.quantize``) and the
+    weight bytes of another runtime that runs part of it (``utils.optim.onnx_backends``)."""
     entry = {"timing": timing.as_dict(), "load_s": load_s}
     if pipe is not None:
 
         module = pipe._module(component)
-        entry |= {"model_bytes": quantized_bytes(module), "quantize_s": getattr(module, "quantize_seconds", None)}
+        entry |= {"model_bytes": quantized_bytes(module), "quantize_s": getattr(module, "quantize_seconds", None),
+                  "runtime": runtime_facts(module)}
     return entry
 
 

@@ -88,6 +88,8 @@ class SpatialVAE(nn.Module):
         super().__init__()
         self.module = AutoencoderKL(**config)
         self.micro_batch_size = micro_batch_size
+        # decodes a batch of latents elsewhere (the decoder exported to another runtime): utils.optim.onnx_backends
+        self.decoder_runner = None
 
     def _frame_batches(self, frames: torch.Tensor):
         step = self.micro_batch_size or frames.shape[0]
@@ -110,8 +112,8 @@ class SpatialVAE(nn.Module):
         latents = z.transpose(1, 2).flatten(0, 1)  # (B T) 4 h w
         chunks = tqdm(self._frame_batches(latents), desc="decode frames", unit="batch", leave=False,
                       total=-(-latents.shape[0] // (self.micro_batch_size or latents.shape[0])))
-        images = torch.cat([self.module.decode(chunk / SPATIAL_SCALING_FACTOR).sample
-                            for chunk in chunks])  # (B T) 3 8h 8w
+        decode = self.decoder_runner or (lambda latents: self.module.decode(latents).sample)
+        images = torch.cat([decode(chunk / SPATIAL_SCALING_FACTOR) for chunk in chunks])  # (B T) 3 8h 8w
         return images.unflatten(0, (batch, frames)).transpose(1, 2)  # B 3 T 8h 8w
 
 

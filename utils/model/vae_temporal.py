@@ -208,6 +208,7 @@ class TemporalVAE(nn.Module):
         self.quant_conv = CausalConv3d(2 * latent_embed_dim, 2 * embed_dim, 1)
         self.post_quant_conv = CausalConv3d(embed_dim, latent_embed_dim, 1)
         self.decoder = Decoder(latent_embed_dim, in_out_channels, **stack)
+        self.decoder_runner = None
 
     def time_padding(self, num_frames: int) -> int:
         """Frames added in front so that ``num_frames`` becomes a multiple of the downsample factor."""
@@ -225,5 +226,6 @@ class TemporalVAE(nn.Module):
 
     def decode(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
         """``z`` [B, embed_dim, t, H, W] -> [B, C, 4t - time_padding(num_frames), H, W]."""
-        x = self.decoder(self.post_quant_conv(z))  # B C 4t H W
+        # decoder_runner: the decoder exported to another runtime (utils.optim.onnx_backends), else PyTorch's
+        x = self.decoder_runner(z) if self.decoder_runner else self.decoder(self.post_quant_conv(z))  # B C 4t H W
         return x[:, :, self.time_padding(num_frames):]  # B C num_frames H W: front padding dropped

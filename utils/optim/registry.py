@@ -17,7 +17,7 @@ from utils.model.pipeline import OpenSoraPipeline
 from utils.optim.attention import apply_attention
 from utils.optim.caching import apply_pab, apply_step_counts, apply_teacache
 from utils.optim.hook_caches import apply_first_block_cache, apply_mag_cache, apply_taylorseer
-from utils.optim.onnx_backends import apply_onnxruntime, apply_openvino
+from utils.optim.onnx_backends import apply_ggml, apply_onnxruntime, apply_openvino
 from utils.optim.precision import apply_autocast, apply_bf16
 from utils.optim.quantize import apply_int8_weight_only, apply_quantize
 from utils.optim.rewrites import apply_cache_text_kv, apply_fused_modulate, apply_fused_rope, apply_vae_channels_last
@@ -47,10 +47,11 @@ OPTIMIZATIONS = {
     "mag_cache": apply_mag_cache,
     "taylorseer": apply_taylorseer,
     "step_counts": apply_step_counts,
-    # other runtimes for the transformer's blocks (utils.optim.onnx_backends): after every step that changes the
-    # blocks, so they see (and refuse) them
+    # other runtimes for the transformer's blocks and the VAE's decoders (utils.optim.onnx_backends): after every
+    # step that changes them, so they see (and refuse) them
     "onnxruntime": apply_onnxruntime,
     "openvino": apply_openvino,
+    "ggml": apply_ggml,
     "autocast": apply_autocast,
 }
 
