@@ -146,13 +146,18 @@ tensorboard: env
 
 # The aarch64 functional check, each profile under emulation: the upstream-fixture parity tests, a tiny
 # generation, bf16, fp32 fast math, int8, KleidiAI int4 and SDPA against fp64, and which kernels ran.
-# Its own cache in .arm/ (no .venv); the first set-up needs root (apt-get, mmdebstrap). Emulated timings
-# are not performance.
+# Its own cache in ~/.cache/opensora-cpu-study/arm/ (no .venv; tools/arm-python.sh); the first set-up needs root
+# (apt-get, mmdebstrap). The profiles run side by side (emulation is mostly one busy thread per process), each into
+# build/arm/<profile>.log, printed when it ends. Emulated timings are not performance.
 arm-check: env
 	tools/arm-python.sh --setup
 	$(BIN)/python -m utils.experiments.arm_check --export-runtime-files
-	@failed=""; for profile in $(ARM_PROFILES); do \
-	    ARM_PROFILE=$$profile ARM_STORE=$(ARM_STORE) tools/arm-python.sh -m utils.experiments.arm_check || failed="$$failed $$profile"; \
+	@mkdir -p build/arm; pids=""; for profile in $(ARM_PROFILES); do \
+	    ARM_PROFILE=$$profile ARM_STORE=$(ARM_STORE) tools/arm-python.sh -m utils.experiments.arm_check \
+	        > build/arm/$$profile.log 2>&1 & pids="$$pids $$profile:$$!"; \
+	done; echo "arm-check: $(ARM_PROFILES) running side by side (build/arm/<profile>.log)"; failed=""; \
+	for entry in $$pids; do \
+	    wait $${entry#*:} || failed="$$failed $${entry%%:*}"; cat build/arm/$${entry%%:*}.log; \
 	done; \
 	if [ -n "$$failed" ]; then echo "arm-check: failed on$$failed"; exit 1; fi; echo "arm-check: $(ARM_PROFILES) passed"
 

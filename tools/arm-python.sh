@@ -10,13 +10,14 @@
 # qemu-aarch64-static running the userland's python3.11 with QEMU_LD_PREFIX. Absolute guest paths are
 # looked up under the prefix first, so each profile gets its own prefix (symlinks to the userland plus
 # a /proc/cpuinfo and MIDR_EL1 files naming its Neoverse core): profiles never share mutable files.
-# Everything lives in $ARM_DIR (default .arm/, ignored); the wheels are reinstalled only when
+# Everything lives in $ARM_DIR (default ~/.cache/opensora-cpu-study/arm/: one cache per machine, which every clone
+# of the study reuses; nothing in it depends on the clone); the wheels are reinstalled only when
 # requirements-aarch64.txt changes (sha256 stamp). Building the cache needs root (apt, mmdebstrap).
 # Emulated timings are not performance: 300-3000x slower than native, and unevenly so.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-ARM_DIR=${ARM_DIR:-$REPO/.arm}
+ARM_DIR=${ARM_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/opensora-cpu-study/arm}
 ARM_PROFILE=${ARM_PROFILE:-g3}
 HOST_PYTHON=${ARM_HOST_PYTHON:-python3}
 LOCK=$REPO/requirements-aarch64.txt
