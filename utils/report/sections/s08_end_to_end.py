@@ -352,7 +352,14 @@ def spread_figure(rows: pd.DataFrame, path, environment: dict | None = None) -> 
     order = list(dict.fromkeys(values["configuration"]))
     for ax, quantity in zip(axes, quantities):
         shown = values[values["quantity"] == quantity]
-        sns.stripplot(data=shown, x="seconds", y="configuration", order=order, ax=ax, jitter=0.15, size=5, alpha=0.8)
+        # seaborn's jitter draws from numpy's global generator: seeded (and restored) so every render is the same
+        state = np.random.get_state()
+        np.random.seed(0)
+        try:
+            sns.stripplot(data=shown, x="seconds", y="configuration", order=order, ax=ax, jitter=0.15, size=5,
+                          alpha=0.8)
+        finally:
+            np.random.set_state(state)
         sns.pointplot(data=shown, x="seconds", y="configuration", order=order, ax=ax, estimator="median",
                       errorbar=None, linestyle="none", marker="|", markersize=14, color="black")
         ax.set_xscale("log")
